@@ -1,0 +1,280 @@
+"""Settings for the Nimbus portal, read from the environment (see README, "Settings")."""
+
+import os
+from pathlib import Path
+
+import dj_database_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_bool(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def env_list(name: str, default: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
+
+
+DEBUG = env_bool("DEBUG", False)
+# The development key only ever applies with DEBUG on or under tests; a production start
+# without SECRET_KEY fails loudly instead of running with a guessable key.
+SECRET_KEY = os.environ.get("SECRET_KEY") or (
+    "dev-insecure-nimbus-key-change-me" if DEBUG or os.environ.get("NIMBUS_TESTING") else ""
+)
+if not SECRET_KEY:
+    raise RuntimeError("SECRET_KEY must be set (or DEBUG=1 for a development run)")
+
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "127.0.0.1,localhost,testserver")
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", "")
+
+# Where Nimbus keeps its own files: SQLite database, revision code, dependency cache.
+NIMBUS_DATA_DIR = Path(os.environ.get("NIMBUS_DATA_DIR", BASE_DIR / "var")).resolve()
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django.contrib.humanize",
+    "rest_framework",
+    "django_filters",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "guardian",
+    "channels",
+    "portal",
+    "tenancy",
+    "functions",
+    "webide",
+    "observability",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "portal.middleware.RequestContextMiddleware",
+]
+
+ROOT_URLCONF = "portal.urls"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+                "portal.context_processors.nimbus",
+            ],
+        },
+    },
+]
+
+WSGI_APPLICATION = "portal.wsgi.application"
+ASGI_APPLICATION = "portal.asgi.application"
+
+# Database: SQLite file by default, anything dj-database-url understands with DATABASE_URL.
+DATABASE_URL = os.environ.get("DATABASE_URL", "")
+if DATABASE_URL:
+    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60)}
+else:
+    NIMBUS_DATA_DIR.mkdir(parents=True, exist_ok=True)
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": os.environ.get("SQLITE_PATH", str(NIMBUS_DATA_DIR / "nimbus.sqlite3")),
+            "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE",
+                        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"},
+        }
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# Channel layer: in-memory by default, Redis with REDIS_URL.
+REDIS_URL = os.environ.get("REDIS_URL", "")
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL], "prefix": os.environ.get("NIMBUS_REDIS_PREFIX", "nimbus")},
+        }
+    }
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+AUTHENTICATION_BACKENDS = [
+    "django.contrib.auth.backends.ModelBackend",
+    "guardian.backends.ObjectPermissionBackend",
+]
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "home"
+LOGOUT_REDIRECT_URL = "login"
+
+# django-guardian: no anonymous user row; object permissions live in direct-FK tables.
+ANONYMOUS_USER_NAME = None
+GUARDIAN_RAISE_403 = False
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "/static/"
+STATIC_ROOT = Path(os.environ.get("STATIC_ROOT", BASE_DIR / "staticfiles"))
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"
+        if DEBUG or os.environ.get("NIMBUS_TESTING")
+        else "whitenoise.storage.CompressedManifestStaticFilesStorage"
+    },
+}
+WHITENOISE_USE_FINDERS = DEBUG
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "tenancy.authentication.ApiTokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["portal.api.permissions.NimbusApiPermission"],
+    "DEFAULT_PAGINATION_CLASS": "portal.api.pagination.StandardPagination",
+    "PAGE_SIZE": 50,
+    "DEFAULT_FILTER_BACKENDS": [
+        "django_filters.rest_framework.DjangoFilterBackend",
+        "rest_framework.filters.SearchFilter",
+        "rest_framework.filters.OrderingFilter",
+    ],
+    "DEFAULT_SCHEMA_CLASS": "portal.api.schema.NimbusAutoSchema",
+    "EXCEPTION_HANDLER": "portal.api.exceptions.exception_handler",
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Nimbus API",
+    "DESCRIPTION": "Tenants, functions, revisions, traffic, tokens and audit events.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+    # Several models have a "status" with different choices; name each enum after its model.
+    "ENUM_NAME_OVERRIDES": {
+        "TenantStatusEnum": "tenancy.models.Tenant.Status",
+        "RevisionStatusEnum": "functions.models.Revision.Status",
+        "InvocationStatusEnum": "functions.models.Invocation.Status",
+    },
+}
+
+# Security headers; the deploy check (`manage.py check --deploy`) is clean when DEBUG is off.
+SESSION_COOKIE_HTTPONLY = True
+SECURE_CONTENT_TYPE_NOSNIFF = True
+X_FRAME_OPTIONS = "DENY"
+SECURE_REFERRER_POLICY = "same-origin"
+if not DEBUG and not os.environ.get("NIMBUS_TESTING"):
+    SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", True)
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = int(os.environ.get("SECURE_HSTS_SECONDS", "31536000"))
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", True)
+
+# ---- Nimbus ---------------------------------------------------------------------------
+NIMBUS_ENGINE = os.environ.get("NIMBUS_ENGINE", "local")
+# Key(s) for secrets at rest, comma-separated Fernet keys, newest first (rotation).
+# Without it a key is derived from SECRET_KEY so a development install works out of the box.
+NIMBUS_SECRETS_KEYS = env_list("NIMBUS_SECRETS_KEYS", "")
+# Public base URL of the portal, used for invoke URLs shown to users.
+NIMBUS_PUBLIC_URL = os.environ.get("NIMBUS_PUBLIC_URL", "http://127.0.0.1:8000").rstrip("/")
+# Largest single source file and whole draft a function may have.
+NIMBUS_MAX_FILE_BYTES = int(os.environ.get("NIMBUS_MAX_FILE_BYTES", str(512 * 1024)))
+NIMBUS_MAX_SOURCE_BYTES = int(os.environ.get("NIMBUS_MAX_SOURCE_BYTES", str(2 * 1024 * 1024)))
+NIMBUS_MAX_FILES = int(os.environ.get("NIMBUS_MAX_FILES", "200"))
+# Run the engine's part of a deploy in a background thread (the default) or inline (tests, CLI).
+NIMBUS_DEPLOY_INLINE = env_bool("NIMBUS_DEPLOY_INLINE", False)
+
+# Local engine (functions/engines/local): where revision code lives, and its defaults.
+NIMBUS_LOCAL = {
+    "CODE_DIR": NIMBUS_DATA_DIR / "revisions",
+    "DEPS_CACHE_DIR": NIMBUS_DATA_DIR / "deps-cache",
+    "SOCKET_DIR": Path(os.environ.get("NIMBUS_SOCKET_DIR", "/tmp/nimbus-sockets")),
+    "IDLE_SECONDS": float(os.environ.get("NIMBUS_LOCAL_IDLE_SECONDS", "60")),
+    "QUEUE_LIMIT": int(os.environ.get("NIMBUS_LOCAL_QUEUE_LIMIT", "100")),
+    "SANDBOX": os.environ.get("NIMBUS_LOCAL_SANDBOX", "auto"),  # auto | bwrap | none
+    "MAX_BODY_BYTES": int(os.environ.get("NIMBUS_MAX_BODY_BYTES", str(6 * 1024 * 1024))),
+    # Invocation records kept: the newest N per function, none older than D days.
+    "RETENTION": {"MAX_PER_FUNCTION": int(os.environ.get("NIMBUS_RETENTION_PER_FUNCTION", "1000")),
+                  "DAYS": float(os.environ.get("NIMBUS_RETENTION_DAYS", "7"))},
+    # Per-instance limits besides memory (from the function's spec): CPU seconds, open files, processes.
+    "INSTANCE_CPU_SECONDS": int(os.environ.get("NIMBUS_INSTANCE_CPU_SECONDS", "600")),
+    "INSTANCE_OPEN_FILES": int(os.environ.get("NIMBUS_INSTANCE_OPEN_FILES", "256")),
+    "INSTANCE_PROCESSES": int(os.environ.get("NIMBUS_INSTANCE_PROCESSES", "256")),
+    # Local folders of packages (wheelhouses, npm packages) that sandboxed installers may read.
+    "DEPS_LOCAL_DIRS": env_list("NIMBUS_DEPS_LOCAL_DIRS", ""),
+}
+
+# Knative engine (functions/engines/knative).
+NIMBUS_KNATIVE = {
+    "KUBECONFIG": os.environ.get("NIMBUS_KUBECONFIG", ""),  # empty: in-cluster config
+    "CONTEXT": os.environ.get("NIMBUS_KUBE_CONTEXT", ""),
+    "NAMESPACE_PREFIX": os.environ.get("NIMBUS_NAMESPACE_PREFIX", "nimbus-"),
+    "RUNTIME_IMAGES": {
+        "python3.11": os.environ.get("NIMBUS_IMAGE_PYTHON", "ghcr.io/nimbus/runtime-python:3.11"),
+        "node20": os.environ.get("NIMBUS_IMAGE_NODE", "ghcr.io/nimbus/runtime-node:20"),
+    },
+    "SANDBOX_RUNTIME_CLASS": os.environ.get("NIMBUS_SANDBOX_RUNTIME_CLASS", "gvisor"),
+    "DEDICATED_NODE_LABEL": os.environ.get("NIMBUS_DEDICATED_NODE_LABEL", "nimbus.dev/tenant"),
+    "DOMAIN": os.environ.get("NIMBUS_KNATIVE_DOMAIN", "example.com"),
+    "REQUEST_TIMEOUT": float(os.environ.get("NIMBUS_KUBE_TIMEOUT", "10")),
+    "RETRIES": int(os.environ.get("NIMBUS_KUBE_RETRIES", "3")),
+    # How long a deploy waits for Knative to report the new revision ready; WAIT_READY off only
+    # applies the objects (a bare API server without Knative's controllers never reports Ready).
+    "DEPLOY_TIMEOUT": float(os.environ.get("NIMBUS_KNATIVE_DEPLOY_TIMEOUT", "300")),
+    "WAIT_READY": env_bool("NIMBUS_KNATIVE_WAIT_READY", True),
+    "CODE_DIR": os.environ.get("NIMBUS_CODE_DIR", "/var/nimbus/code"),
+    "SCALE_TO_ZERO_RETENTION": os.environ.get("NIMBUS_SCALE_TO_ZERO_RETENTION", "0s"),
+}
+
+# Observability (observability/): the operators' tools the Monitor tab embeds when set, the
+# OTLP endpoint traces are exported to, and an optional bearer token in front of /metrics.
+GRAFANA_URL = os.environ.get("GRAFANA_URL", "").rstrip("/")
+GRAFANA_DASHBOARD_UID = os.environ.get("GRAFANA_DASHBOARD_UID", "nimbus-function")
+JAEGER_URL = os.environ.get("JAEGER_URL", "").rstrip("/")
+KIBANA_URL = os.environ.get("KIBANA_URL", "").rstrip("/")
+KIBANA_DATA_VIEW_ID = os.environ.get("KIBANA_DATA_VIEW_ID", "")
+OTEL_EXPORTER_OTLP_ENDPOINT = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").rstrip("/")
+NIMBUS_METRICS_TOKEN = os.environ.get("NIMBUS_METRICS_TOKEN", "")
+NIMBUS_OBSERVABILITY = {
+    "SPAN_DAYS": float(os.environ.get("NIMBUS_SPAN_RETENTION_DAYS", "7")),
+    "ROLLUP_DAYS": float(os.environ.get("NIMBUS_ROLLUP_RETENTION_DAYS", "35")),
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
+    "loggers": {"django.channels.server": {"level": "WARNING"}},
+}

@@ -1,0 +1,1 @@
+"""The Knative engine: tenants as namespaces, functions as ``serving.knative.dev/v1`` Services."""

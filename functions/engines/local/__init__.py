@@ -1,0 +1,1 @@
+"""The embedded engine: functions run as sandboxed processes on this machine."""

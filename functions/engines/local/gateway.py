@@ -1,0 +1,351 @@
+"""The local gateway: ``/fn/<tenant>/<function>[@tag]/<path>`` → an instance of the routed revision.
+
+A lean ASGI app (no Django middleware, sessions or per-request queries beyond the cached route
+table and a briefly cached token check), which records every invocation off the request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import random
+import time
+import uuid
+from datetime import datetime, timezone as dt_timezone
+
+from functions.engines.local import client
+from functions.engines.local.instances import InstanceFailed, PoolClosed, Saturated
+from functions.engines.local.routes import with_own_connection
+from functions.test_invoke import HEADER as TEST_SIGNATURE_HEADER_NAME
+from functions.test_invoke import check_test_signature
+
+TEST_SIGNATURE_HEADER = TEST_SIGNATURE_HEADER_NAME.encode()
+
+PREFIX = "/fn/"
+# Bounds how long a revoked or expired token can still invoke: one token lookup per 5 s per token.
+TOKEN_CACHE_SECONDS = 5.0
+EXIT_REASON_WAIT = 1.0
+HOP_HEADERS = {b"connection", b"keep-alive", b"transfer-encoding", b"upgrade", b"proxy-connection", b"te",
+               b"trailer", b"content-length", b"host"}
+# Identifiers need to be unique, not secret; os.urandom costs ~70 µs a call on some VMs.
+_random = random.Random()
+_token_cache: dict[str, tuple[float, int | None, bool]] = {}
+
+
+def _engine():
+    from functions.engines import get_engine
+
+    return get_engine()
+
+
+async def _respond(send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    headers = list(headers or [])
+    if not any(name == b"content-type" for name, _ in headers):
+        headers.append((b"content-type", b"application/json"))
+    headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _problem(code: str, detail: str) -> bytes:
+    return json.dumps({"code": code, "detail": detail}).encode()
+
+
+async def _read_body(receive, limit: int) -> bytes | None:
+    """The request body, or None once it exceeds ``limit``."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ConnectionAbortedError()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def _token_check(token: str) -> tuple[int | None, bool]:
+    """(the token's tenant id or None, whether it has the invoke scope), cached briefly."""
+    key = hashlib.sha256(token.encode()).hexdigest()
+    now = time.monotonic()
+    cached = _token_cache.get(key)
+    if cached and now - cached[0] < TOKEN_CACHE_SECONDS:
+        return cached[1], cached[2]
+    from tenancy.services import token_authenticate
+
+    api_token = token_authenticate(token)
+    result = (None, False) if api_token is None else (api_token.tenant_id, api_token.has_scope("invoke"))
+    if len(_token_cache) > 10000:
+        _token_cache.clear()
+    _token_cache[key] = (now, *result)
+    return result
+
+
+def _signed_test_call(headers, function_id: int) -> bool:
+    """The IDE's test panel calls private functions with a short-lived signature for this one
+    function (functions/test_invoke.py) instead of an API token in the browser."""
+    value = next((v.decode("latin-1") for k, v in headers if k == TEST_SIGNATURE_HEADER), "")
+    return bool(value) and check_test_signature(value, function_id)
+
+
+def _parse_path(path: str) -> tuple[str, str, str | None, str] | None:
+    rest = path[len(PREFIX):]
+    parts = rest.split("/", 2)
+    if len(parts) < 2 or not parts[0] or not parts[1]:
+        return None
+    tenant, name = parts[0], parts[1]
+    tag = None
+    if "@" in name:
+        name, tag = name.split("@", 1)
+    sub = "/" + (parts[2] if len(parts) > 2 else "")
+    return tenant, name, tag, sub
+
+
+async def gateway_app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    engine = _engine()
+    parsed = _parse_path(scope["path"])
+    if parsed is None:
+        await _respond(send, 404, _problem("not_found", "Use /fn/<tenant>/<function>/<path>."))
+        return
+    tenant, name, tag, sub_path = parsed
+    route = await engine.routes.aget(tenant, name)
+    if route is None or route.offline:
+        await _respond(send, 404, _problem("not_found", f"There is no function {tenant}/{name}."))
+        return
+    headers = scope.get("headers") or []
+    if route.invoke_auth == "token" and not _signed_test_call(headers, route.function_id):
+        authorization = next((v.decode("latin-1") for k, v in headers if k == b"authorization"), "")
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            await _respond(send, 401, _problem("unauthenticated", "This function needs an API token with the "
+                                                                  "invoke scope (Authorization: Bearer …)."),
+                           [(b"www-authenticate", b'Bearer realm="nimbus"')])
+            return
+        token_tenant, can_invoke = await asyncio.to_thread(with_own_connection, _token_check, token.strip())
+        if token_tenant is None:
+            await _respond(send, 401, _problem("unauthenticated", "The API token is invalid or expired."),
+                           [(b"www-authenticate", b'Bearer realm="nimbus", error="invalid_token"')])
+            return
+        if token_tenant != route.tenant_id:
+            # Another tenant's token: the function does not exist as far as it can tell.
+            await _respond(send, 404, _problem("not_found", f"There is no function {tenant}/{name}."))
+            return
+        if not can_invoke:
+            await _respond(send, 403, _problem("permission_denied", "The API token lacks the invoke scope."))
+            return
+    target = route.pick(tag)
+    if target is None:
+        detail = f"No revision is tagged '{tag}'." if tag else "No revision takes traffic."
+        await _respond(send, 404, _problem("not_found", detail))
+        return
+    limit = engine.max_body_bytes
+    declared = next((v for k, v in headers if k == b"content-length"), None)
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        await _respond(send, 413, _problem("too_large", f"The body exceeds {limit:,} bytes."),
+                       [(b"connection", b"close")])
+        return
+    try:
+        body = await _read_body(receive, limit)
+    except ConnectionAbortedError:
+        return
+    if body is None:
+        await _respond(send, 413, _problem("too_large", f"The body exceeds {limit:,} bytes."),
+                       [(b"connection", b"close")])
+        return
+    if _wants_async(headers):
+        await _accept_async(send, scope, route, tag, sub_path, headers, body)
+        return
+    await _invoke(engine, scope, send, route, target, tag, sub_path, headers, body)
+
+
+def _wants_async(headers) -> bool:
+    """``Prefer: respond-async`` (RFC 7240) or ``X-Nimbus-Async: 1``."""
+    for name, value in headers:
+        if name == b"prefer" and b"respond-async" in value.lower():
+            return True
+        if name == b"x-nimbus-async" and value.strip().lower() in (b"1", b"true", b"yes"):
+            return True
+    return False
+
+
+async def _accept_async(send, scope, route, tag, sub_path, headers, body) -> None:
+    """Store the call in the delivery queue (functions/triggers) and answer 202 once it is durable."""
+    from functions.triggers.gateway import accept_async
+
+    status, payload, extra = await asyncio.to_thread(with_own_connection, accept_async, scope, route, tag,
+                                                     sub_path, headers, body)
+    await _respond(send, status, payload, extra)
+
+
+def _trace(headers) -> tuple[str, str, str, str]:
+    """(trace id, the caller's span id or "", the gateway's span id, the traceparent sent on): a
+    caller's W3C traceparent continues its trace, with the gateway's span as the handler's parent."""
+    value = next((v.decode("latin-1") for k, v in headers if k == b"traceparent"), "")
+    parts = value.split("-")
+    span_id = f"{_random.getrandbits(64):016x}"
+    if len(parts) == 4 and len(parts[1]) == 32 and len(parts[2]) == 16:
+        return parts[1], parts[2], span_id, f"00-{parts[1]}-{span_id}-{parts[3][:2]}"
+    trace_id = f"{_random.getrandbits(128):032x}"
+    return trace_id, "", span_id, f"00-{trace_id}-{span_id}-01"
+
+
+async def _invoke(engine, scope, send, route, target, tag, sub_path, headers, body) -> None:
+    started = time.monotonic()
+    started_at = datetime.now(dt_timezone.utc)
+    invocation_id = uuid.UUID(int=_random.getrandbits(128), version=4)
+    trace_id, caller_span, gateway_span, traceparent = _trace(headers)
+    record = {"id": invocation_id, "function_id": route.function_id, "revision_id": target.revision_id,
+              "started_at": started_at, "trace_id": trace_id, "trigger": "http",
+              "trace": {"caller_span": caller_span, "gateway_span": gateway_span}}
+
+    def finish(status_name: str, http_status: int, *, instance="", cold=False, init_ms=0.0, queue_ms=0.0,
+               duration_ms=0.0, error="") -> None:
+        record.update(status=status_name, http_status=http_status, instance=instance[:64], cold_start=cold,
+                      init_ms=round(init_ms, 3), queue_ms=round(queue_ms, 3), duration_ms=round(duration_ms, 3),
+                      billed_gb_seconds=route.memory_mb / 1024 * max(duration_ms, 1.0) / 1000, error=error[:2000])
+        record["trace"]["total_ms"] = (time.monotonic() - started) * 1000
+        engine.records.submit(record)
+
+    def nimbus_headers(cold: bool) -> list[tuple[bytes, bytes]]:
+        return [(b"x-nimbus-invocation-id", str(invocation_id).encode()),
+                (b"x-nimbus-cold-start", b"yes" if cold else b"no"),
+                (b"x-nimbus-duration-ms", f"{(time.monotonic() - started) * 1000:.2f}".encode()),
+                (b"x-nimbus-revision", str(target.revision).encode())]
+
+    pool = engine.pool_for(target.revision_id)
+    if pool is None:
+        try:
+            pool = await asyncio.to_thread(with_own_connection, engine.prepare, target.revision_id)
+        except Exception as exc:  # noqa: BLE001 - the revision cannot run here: say so, record it
+            finish("crashed", 503, error=f"could not prepare the revision: {exc}")
+            await _respond(send, 503, _problem("unavailable", "The function could not be started."),
+                           nimbus_headers(False))
+            return
+    for attempt in (1, 2):
+        outcome = await _attempt(engine, send, route, target, pool, headers, body, scope, sub_path, record,
+                                 invocation_id, traceparent, finish, nimbus_headers, retry=attempt == 1)
+        if outcome != "retry":
+            return
+        replacement = engine.pool_for(target.revision_id)
+        if replacement is None:
+            # The revision's pool was retired meanwhile (traffic moved): ask the routes again.
+            engine.routes.invalidate()
+            fresh = await engine.routes.aget(route.tenant, route.name)
+            fresh_target = fresh.pick(tag) if fresh is not None and not fresh.offline else None
+            if fresh_target is None:
+                break
+            target, route = fresh_target, fresh
+            record["revision_id"] = target.revision_id
+            try:
+                replacement = await asyncio.to_thread(with_own_connection, engine.prepare, target.revision_id)
+            except Exception:  # noqa: BLE001 - answered below like a closed pool
+                break
+        pool = replacement
+    finish("rejected", 503, error="the revision stopped serving")
+    await _respond(send, 503, _problem("unavailable", "The revision is being replaced; retry."),
+                   nimbus_headers(False) + [(b"retry-after", b"1")])
+
+
+def _note_runtime_trace(record: dict, out_headers) -> None:
+    """Keep the handler's span id and the user-defined spans the runtime reported (parsed later,
+    off the request path, by the records writer)."""
+    for name, value in out_headers:
+        lowered = name.lower()
+        if lowered == "traceparent":
+            parts = value.split("-")
+            if len(parts) == 4 and len(parts[2]) == 16:
+                record["trace"]["handler_span"] = parts[2]
+        elif lowered == "x-nimbus-spans":
+            record["trace"]["spans_json"] = value
+
+
+async def _attempt(engine, send, route, target, pool, headers, body, scope, sub_path, record, invocation_id,
+                   traceparent, finish, nimbus_headers, retry: bool) -> str | None:
+    try:
+        inst, cold, queue_ms = await pool.acquire()
+    except Saturated:
+        finish("rejected", 429, error="every instance is busy and the queue is full")
+        await _respond(send, 429, _problem("saturated", "The function is at capacity; retry later."),
+                       nimbus_headers(False) + [(b"retry-after", b"1")])
+        return
+    except PoolClosed:
+        return "retry"
+    except InstanceFailed as exc:
+        finish("crashed", 502, cold=True, error=str(exc))
+        await _respond(send, 502, _problem("instance_failed", "The function's instance failed to start."),
+                       nimbus_headers(True))
+        return
+    init_ms = inst.init_ms if cold else 0.0
+    forward = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers
+               if k not in HOP_HEADERS and k != b"traceparent" and k != b"x-nimbus-invocation-id"
+               and k != TEST_SIGNATURE_HEADER and not (k == b"authorization" and route.invoke_auth == "token")]
+    client_addr = scope.get("client")
+    if client_addr:
+        forward.append(("X-Forwarded-For", str(client_addr[0])))
+    forward += [("X-Nimbus-Invocation-Id", str(invocation_id)), ("traceparent", traceparent)]
+    query = scope.get("query_string", b"").decode("latin-1")
+    raw_path = scope.get("raw_path")
+    if raw_path:
+        prefix_len = len(PREFIX) + len(route.tenant) + 1
+        raw = raw_path.decode("latin-1")[prefix_len:]
+        target_path = "/" + raw.split("/", 1)[1] if "/" in raw else "/"
+    else:
+        target_path = sub_path
+    if query:
+        target_path += "?" + query
+    timeout = pool.spec.timeout_seconds
+    call_started = time.monotonic()
+    try:
+        async with asyncio.timeout(timeout):
+            status, out_headers, out_body = await client.call(inst, scope["method"], target_path, forward, body)
+    except asyncio.TimeoutError:
+        duration = (time.monotonic() - call_started) * 1000
+        pool.kill(inst, f"killed after the {timeout} s timeout")
+        pool.release(inst)
+        finish("timeout", 504, instance=inst.id, cold=cold, init_ms=init_ms, queue_ms=queue_ms,
+               duration_ms=duration, error=f"timed out after {timeout} s; the instance was stopped")
+        await _respond(send, 504, _problem("timeout", f"The function did not answer within {timeout} s."),
+                       nimbus_headers(cold))
+        return
+    except client.InstanceGone as exc:
+        duration = (time.monotonic() - call_started) * 1000
+        # The fork server or the process reader tells why it ended a moment after the socket closes.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(inst.exited)), EXIT_REASON_WAIT)
+        pool.kill(inst, f"connection lost: {exc}")
+        pool.release(inst)
+        if exc.before_request and retry:
+            return "retry"  # it died before our request reached it (we had not heard yet): try another
+        reason = inst.exit_reason or str(exc)
+        finish("crashed", 502, instance=inst.id, cold=cold, init_ms=init_ms, queue_ms=queue_ms,
+               duration_ms=duration, error=f"the instance died: {reason}")
+        await _respond(send, 502, _problem("instance_died", "The function's instance died while answering."),
+                       nimbus_headers(cold))
+        return
+    except BaseException:
+        pool.release(inst)
+        raise
+    duration = (time.monotonic() - call_started) * 1000
+    error_kind = next((v for k, v in out_headers if k.lower() == "x-nimbus-error"), None)
+    _note_runtime_trace(record, out_headers)
+    record["trace"]["instances"] = len(pool.instances)  # for the Monitor tab's instances chart
+    if error_kind == "memory":
+        pool.kill(inst, f"out of memory (limit {pool.spec.memory_mb} MB)")  # it exits; send nothing more its way
+    pool.release(inst)
+    error = ""
+    if error_kind == "memory":
+        error = f"out of memory (limit {pool.spec.memory_mb} MB); the instance was restarted"
+    elif error_kind:
+        error = "the handler raised an exception (see the logs)"
+    finish("error" if error_kind else "success", status, instance=inst.id, cold=cold, init_ms=init_ms,
+           queue_ms=queue_ms, duration_ms=duration, error=error)
+    response_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in out_headers
+                        if k.lower().encode("latin-1") not in HOP_HEADERS and k.lower() != "x-nimbus-invocation-id"]
+    await _respond(send, status, out_body, response_headers + nimbus_headers(cold))

@@ -1,0 +1,647 @@
+"""Instances of one revision and the pool that hands them to requests: scale from zero, per-instance
+concurrency, scale out to max instances, a bounded queue, idle scale-to-zero, min instances kept
+warm, restart after a crash. Python instances are forked from a per-revision zygote (fork server);
+Node instances (and Python without the zygote) are started as fresh processes."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from functions.engines.base import RevisionSpec
+from functions.engines.local import sandbox
+from portal.errors import EngineError
+
+log = logging.getLogger(__name__)
+
+STARTING, READY, DEAD = "starting", "ready", "dead"
+ZYGOTE_START_TIMEOUT = 30.0
+INSTANCE_START_TIMEOUT = 30.0
+
+
+class Saturated(Exception):
+    """Every instance is busy, the pool is at max instances and its queue is full."""
+
+
+class InstanceFailed(Exception):
+    """The instance could not start, or died."""
+
+
+class PoolClosed(Exception):
+    pass
+
+
+class Instance:
+    def __init__(self, pool: Pool, number: int):
+        self.pool = pool
+        self.id = f"{pool.spec.function.name}-{pool.spec.number}-{number}"
+        self.socket_path = pool.socket_dir / f"i{number}.sock"
+        self.state = STARTING
+        self.busy = 0
+        self.pid: int | None = None
+        self.process: subprocess.Popen | None = None
+        self.launched_at = time.monotonic()
+        self.last_used = self.launched_at
+        self.init_ms = 0.0
+        self.ready: concurrent.futures.Future = concurrent.futures.Future()
+        self.exited: concurrent.futures.Future = concurrent.futures.Future()
+        self.exit_reason = ""
+        # Keep-alive connections to the instance, each usable only on the event loop that opened it.
+        self.idle_connections: list[tuple[asyncio.AbstractEventLoop, asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    def __repr__(self):
+        return f"Instance({self.id} {self.state} busy={self.busy})"
+
+
+def _read_lines(stream, on_line) -> None:
+    for raw in iter(stream.readline, b""):
+        text = raw.decode("utf-8", "replace").rstrip("\n")
+        if not text:
+            continue
+        try:
+            record = json.loads(text)
+            if not isinstance(record, dict):
+                raise ValueError
+        except ValueError:
+            record = {"level": "INFO", "message": text}
+        try:
+            on_line(record)
+        except Exception:  # noqa: BLE001 - a bad line never stops the reader
+            log.exception("log line handler failed")
+    stream.close()
+
+
+class ZygoteLauncher:
+    """One fork server per revision; instances are its children."""
+
+    def __init__(self, pool: Pool):
+        self.pool = pool
+        self.process: subprocess.Popen | None = None
+        self.control: socket.socket | None = None
+        self.send_lock = threading.Lock()
+        self.start_lock = threading.Lock()
+        self.pending: dict[str, Instance] = {}
+        self.by_id: dict[str, Instance] = {}
+        self.ready_line: concurrent.futures.Future | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None and self.control is not None
+
+    def start(self) -> None:
+        with self.start_lock:
+            if self.alive:
+                return
+            self._stop_process()
+            pool = self.pool
+            control_path = pool.socket_dir / "zygote.sock"
+            with contextlib.suppress(FileNotFoundError):
+                control_path.unlink()
+            argv, extra = sandbox.python_command(pool.layout, zygote=True)
+            env = sandbox.instance_env(pool.spec, pool.layout, NIMBUS_ZYGOTE_SOCKET=pool.layout.inside(control_path))
+            argv = sandbox.wrap(argv, pool.layout, allow_egress=pool.spec.allow_egress, extra_ro=extra)
+            self.ready_line = concurrent.futures.Future()
+            self.early_output = collections.deque(maxlen=50)
+            spawned: concurrent.futures.Future = concurrent.futures.Future()
+            # The thread that starts the fork server lives exactly as long as it (reading its output):
+            # the parent-death signal (and bwrap's --die-with-parent) follow the spawning thread, so
+            # the fork server dies with the portal, however the portal ends.
+            threading.Thread(target=self._run_process, args=(argv, env, spawned),
+                             name=f"zygote-{pool.spec.revision_id}", daemon=True).start()
+            self.process = spawned.result()
+            try:
+                ready = self.ready_line.result(timeout=ZYGOTE_START_TIMEOUT)
+            except concurrent.futures.TimeoutError:
+                self._stop_process()
+                raise EngineError("The function's runtime did not start within "
+                                  f"{ZYGOTE_START_TIMEOUT:.0f} s.") from None
+            if not ready.get("ok"):
+                self._stop_process()
+                error = ready.get("error") or "the runtime exited before it was ready"
+                raise EngineError(f"The handler could not be imported: {error.strip().splitlines()[-1]}",
+                                  details={"output": error})
+            control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            control.connect(str(control_path))
+            self.control = control
+            threading.Thread(target=self._read_control, args=(control,), name=f"zygote-ctl-{pool.spec.revision_id}",
+                             daemon=True).start()
+
+    def _run_process(self, argv, env, spawned: concurrent.futures.Future) -> None:
+        try:
+            process = subprocess.Popen(argv, env=env, cwd=str(self.pool.layout.code_dir), stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                                       preexec_fn=_die_with_parent)
+        except BaseException as exc:  # noqa: BLE001 - handed to the thread waiting in start()
+            spawned.set_exception(exc)
+            return
+        spawned.set_result(process)
+        ready_line = self.ready_line
+        _read_lines(process.stdout, self._on_line)
+        process.wait()
+        if ready_line is not None and not ready_line.done():
+            output = "\n".join(str(r.get("message", "")) for r in self.early_output)
+            ready_line.set_result({"ok": False, "error": output or f"exit status {process.returncode}"})
+
+    def _on_line(self, record: dict) -> None:
+        if record.get("nimbus") == "zygote":
+            if self.ready_line is not None and not self.ready_line.done():
+                self.ready_line.set_result(record)
+            return
+        if self.ready_line is not None and not self.ready_line.done():
+            self.early_output.append(record)
+        self.pool.on_log(record)
+
+    def _read_control(self, control: socket.socket) -> None:
+        buffer = b""
+        while True:
+            try:
+                data = control.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            buffer += data
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                try:
+                    message = json.loads(line)
+                except ValueError:
+                    continue
+                self._on_control(message)
+        # The fork server is gone, and its instances with it.
+        if self.ready_line is not None and not self.ready_line.done():
+            self.ready_line.set_result({"ok": False})
+        for inst in list(self.by_id.values()):
+            self.pool.instance_exited(inst, "the runtime's fork server stopped")
+        self.by_id.clear()
+        if self.control is control:
+            self.control = None
+
+    def _on_control(self, message: dict) -> None:
+        op, iid = message.get("op"), message.get("id")
+        if op == "forked":
+            inst = self.by_id.get(iid)
+            if inst is not None:
+                inst.pid = message.get("pid")
+                self.pool.instance_ready(inst)
+        elif op == "error":
+            inst = self.by_id.pop(iid, None)
+            if inst is not None:
+                self.pool.instance_exited(inst, f"could not start: {message.get('error')}")
+        elif op == "exit":
+            inst = self.by_id.pop(iid, None)
+            if inst is not None:
+                code = message.get("code")
+                self.pool.instance_exited(inst, _describe_exit(code, self.pool.spec))
+
+    def launch(self, inst: Instance) -> None:
+        if not self.alive:
+            # Restarting the fork server blocks; keep that off the caller (maybe an event loop).
+            threading.Thread(target=self._launch_after_restart, args=(inst,), daemon=True).start()
+            return
+        self._send_fork(inst)
+
+    def _launch_after_restart(self, inst: Instance) -> None:
+        try:
+            self.start()
+        except Exception as exc:  # noqa: BLE001 - reported through the instance
+            self.pool.instance_exited(inst, f"the runtime could not restart: {exc}")
+            return
+        self._send_fork(inst)
+
+    def _send_fork(self, inst: Instance) -> None:
+        self.by_id[inst.id] = inst
+        message = {"op": "fork", "id": inst.id, "socket": self.pool.layout.inside(inst.socket_path),
+                   "limits": sandbox.limits(self.pool.spec, self.pool.settings)}
+        if not self._send(message):
+            self.by_id.pop(inst.id, None)
+            self.pool.instance_exited(inst, "the runtime's fork server is not reachable")
+
+    def _send(self, message: dict) -> bool:
+        control = self.control
+        if control is None:
+            return False
+        try:
+            with self.send_lock:
+                control.sendall((json.dumps(message) + "\n").encode())
+            return True
+        except OSError:
+            return False
+
+    def kill(self, inst: Instance) -> None:
+        self._send({"op": "kill", "id": inst.id})
+
+    def _stop_process(self) -> None:
+        control, self.control = self.control, None
+        if control is not None:
+            with contextlib.suppress(OSError):
+                control.close()
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            # Closing the control connection makes the fork server stop its instances and exit, and
+            # bubblewrap with it, each reaping its children; SIGKILL only if that does not happen.
+            try:
+                process.wait(timeout=2 if control is not None else 0.2)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=5)
+
+    def close(self) -> None:
+        with self.start_lock:
+            self._stop_process()
+
+
+class ProcessLauncher:
+    """A fresh process per instance (Node; Python when the zygote is turned off)."""
+
+    def __init__(self, pool: Pool):
+        self.pool = pool
+
+    def _command(self, extra_env: dict, info_fd: int | None = None) -> tuple[list[str], dict]:
+        pool = self.pool
+        if pool.spec.runtime.startswith("node"):
+            argv, extra = sandbox.node_command(pool.layout, pool.spec.memory_mb)
+        else:
+            argv, extra = sandbox.python_command(pool.layout, zygote=False)
+        env = sandbox.instance_env(pool.spec, pool.layout, **extra_env)
+        return sandbox.wrap(argv, pool.layout, allow_egress=pool.spec.allow_egress, extra_ro=extra,
+                            info_fd=info_fd), env
+
+    def start(self) -> None:
+        """Check that the handler imports, so a broken revision fails its deploy."""
+        argv, env = self._command({"NIMBUS_CHECK": "1"})
+        try:
+            result = subprocess.run(argv, env=env, cwd=str(self.pool.layout.code_dir), capture_output=True,
+                                    timeout=ZYGOTE_START_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise EngineError("Importing the handler took too long.") from None
+        if result.returncode != 0:
+            output = _messages(result.stdout.decode("utf-8", "replace") + result.stderr.decode("utf-8", "replace"))
+            last = output.strip().splitlines()[-1] if output.strip() else f"exit status {result.returncode}"
+            raise EngineError(f"The handler could not be imported: {last}", details={"output": output})
+
+    def launch(self, inst: Instance) -> None:
+        threading.Thread(target=self._spawn, args=(inst,), daemon=True).start()
+
+    def _spawn(self, inst: Instance) -> None:
+        pool = self.pool
+        info_read, info_write = os.pipe() if pool.layout.sandboxed else (None, None)
+        argv, env = self._command({"NIMBUS_SOCKET": pool.layout.inside(inst.socket_path), "NIMBUS_INSTANCE": inst.id},
+                                  info_fd=info_write)
+        limits = sandbox.limits(pool.spec, pool.settings)
+        try:
+            process = subprocess.Popen(argv, env=env, cwd=str(pool.layout.code_dir), stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                                       pass_fds=(info_write,) if info_write is not None else (),
+                                       preexec_fn=lambda: (_die_with_parent(), _set_limits(limits)))
+        except OSError as exc:
+            pool.instance_exited(inst, f"could not start: {exc}")
+            return
+        finally:
+            if info_write is not None:
+                os.close(info_write)
+        inst.process = process
+        inst.pid = process.pid
+        if info_read is not None:
+            with os.fdopen(info_read, "rb") as info:
+                try:
+                    inst.pid = json.loads(info.read() or b"{}").get("child-pid") or process.pid
+                except ValueError:
+                    pass
+
+        def on_line(record: dict) -> None:
+            if record.get("nimbus") == "ready":
+                pool.instance_ready(inst)
+            else:
+                pool.on_log(record)
+
+        _read_lines(process.stdout, on_line)
+        code = process.wait()
+        pool.instance_exited(inst, _describe_exit(code, pool.spec))
+
+    def kill(self, inst: Instance) -> None:
+        process = inst.process
+        if process is not None and process.poll() is None:
+            # Sandboxed: the sandbox's init (bubblewrap then reaps it and exits); else the process group.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if inst.pid and inst.pid != process.pid:
+                    os.kill(inst.pid, signal.SIGKILL)
+                else:
+                    os.killpg(process.pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        pass
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the spawning thread's process goes away."""
+    import ctypes
+
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _set_limits(limits: dict) -> None:
+    import resource
+
+    names = {"cpu": resource.RLIMIT_CPU, "nofile": resource.RLIMIT_NOFILE, "core": resource.RLIMIT_CORE,
+             "as": resource.RLIMIT_AS}
+    for name, value in limits.items():
+        if name in names:
+            hard = value + 5 if name == "cpu" else value
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(names[name], (value, hard))
+
+
+def _messages(output: str) -> str:
+    """Structured log lines back to their messages, for a readable deploy error."""
+    lines = []
+    for line in output.splitlines():
+        try:
+            record = json.loads(line)
+            lines.append(str(record.get("message", line)))
+        except ValueError:
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def _describe_exit(code, spec: RevisionSpec) -> str:
+    if code is None:
+        return "the instance stopped"
+    if code == -signal.SIGKILL or code == 137:
+        return f"the instance was killed (memory limit {spec.memory_mb} MB, timeout or scale-down)"
+    if code == -signal.SIGXCPU:
+        return "the instance used up its CPU time limit"
+    if code < 0:
+        return f"the instance died from signal {signal.Signals(-code).name}"
+    return f"the instance exited with status {code}"
+
+
+class Pool:
+    """The instances of one revision."""
+
+    def __init__(self, *, spec: RevisionSpec, layout: sandbox.Layout, settings: dict, on_log, use_zygote: bool):
+        self.spec = spec
+        self.layout = layout
+        self.socket_dir = layout.socket_dir
+        self.settings = settings
+        self.on_log = on_log
+        self.lock = threading.Lock()
+        self.instances: dict[str, Instance] = {}
+        self.waiters: collections.deque = collections.deque()
+        self.counter = itertools.count(1)
+        self.closed = False
+        self.retired = False  # no new requests; closed once the last one finishes
+        self.cold_starts = 0
+        self.created_at = time.monotonic()
+        python = spec.runtime.startswith("python")
+        self.launcher = ZygoteLauncher(self) if (python and use_zygote) else ProcessLauncher(self)
+
+    @property
+    def concurrency(self) -> int:
+        return self.spec.concurrency
+
+    @property
+    def queue_limit(self) -> int:
+        return int(self.settings.get("QUEUE_LIMIT", 100))
+
+    def start(self) -> None:
+        self.socket_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.socket_dir, 0o700)
+        self.launcher.start()
+
+    # ---- acquire / release ------------------------------------------------------------------
+
+    def _has_room(self, inst: Instance) -> bool:
+        return self.concurrency == 0 or inst.busy < self.concurrency
+
+    def _pick_locked(self) -> Instance | None:
+        best = None
+        for inst in self.instances.values():
+            if inst.state == DEAD or not self._has_room(inst):
+                continue
+            # Prefer a ready instance, then the least busy one (spreads load when concurrency > 1).
+            rank = (inst.state != READY, inst.busy)
+            if best is None or rank < best[0]:
+                best = (rank, inst)
+        return best[1] if best else None
+
+    def _new_instance_locked(self) -> Instance:
+        inst = Instance(self, next(self.counter))
+        self.instances[inst.id] = inst
+        self.cold_starts += 1
+        return inst
+
+    async def acquire(self) -> tuple[Instance, bool, float]:
+        """An instance with a free slot: (instance, cold start, ms spent queued)."""
+        started = time.monotonic()
+        launch = None
+        future = None
+        with self.lock:
+            if self.closed or self.retired:
+                raise PoolClosed()
+            inst = self._pick_locked()
+            if inst is None and len(self.instances) < self.spec.max_instances:
+                inst = launch = self._new_instance_locked()
+            if inst is not None:
+                inst.busy += 1
+                # Decided now, under the lock: the start may complete on another thread any moment.
+                cold = inst.state != READY
+            elif len(self.waiters) < self.queue_limit:
+                future = asyncio.get_running_loop().create_future()
+                self.waiters.append(future)
+            else:
+                raise Saturated()
+        if launch is not None:
+            self.launcher.launch(launch)
+        if future is not None:
+            try:
+                inst, cold = await future
+            except asyncio.CancelledError:
+                with self.lock:
+                    with contextlib.suppress(ValueError):
+                        self.waiters.remove(future)
+                raise
+        if inst.state != READY:
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(inst.ready), INSTANCE_START_TIMEOUT)
+            except (Exception, asyncio.CancelledError) as exc:
+                self.release(inst)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                raise InstanceFailed(inst.exit_reason or f"the instance did not start: {exc}") from None
+        return inst, cold, (time.monotonic() - started) * 1000
+
+    def acquire_sync(self, timeout: float = INSTANCE_START_TIMEOUT) -> Instance:
+        """Start (or reuse) an instance from a thread without an event loop (deploy health checks)."""
+        with self.lock:
+            inst = self._pick_locked()
+            launch = None
+            if inst is None:
+                if len(self.instances) >= self.spec.max_instances:
+                    raise Saturated()
+                inst = launch = self._new_instance_locked()
+            inst.busy += 1
+        if launch is not None:
+            self.launcher.launch(launch)
+        try:
+            inst.ready.result(timeout=timeout)
+        except Exception:
+            self.release(inst)
+            raise InstanceFailed(inst.exit_reason or "the instance did not start in time") from None
+        return inst
+
+    def release(self, inst: Instance) -> None:
+        launch = None
+        with self.lock:
+            inst.last_used = time.monotonic()
+            if inst.state != DEAD and self._hand_to_waiter_locked(inst):
+                return
+            inst.busy = max(0, inst.busy - 1)
+            if inst.state == DEAD and self.waiters and len(self.instances) < self.spec.max_instances:
+                launch = self._new_instance_locked()
+                launch.busy = 1
+                if not self._hand_to_waiter_locked(launch):
+                    launch.busy = 0
+        if launch is not None:
+            self.launcher.launch(launch)
+        if self.retired:
+            self.close_if_drained()
+
+    def _hand_to_waiter_locked(self, inst: Instance) -> bool:
+        while self.waiters:
+            future = self.waiters.popleft()
+            if future.done():
+                continue
+            loop = future.get_loop()
+            loop.call_soon_threadsafe(self._resolve_waiter, future, inst, inst.state != READY)
+            return True
+        return False
+
+    def _resolve_waiter(self, future: asyncio.Future, inst: Instance, cold: bool) -> None:
+        if future.done():  # the waiter gave up in between: pass the slot on
+            self.release(inst)
+        else:
+            future.set_result((inst, cold))
+
+    # ---- lifecycle callbacks -----------------------------------------------------------------
+
+    def instance_ready(self, inst: Instance) -> None:
+        with self.lock:
+            if inst.state != STARTING:
+                return
+            inst.state = READY
+            inst.init_ms = (time.monotonic() - inst.launched_at) * 1000
+            inst.last_used = time.monotonic()
+        if not inst.ready.done():
+            inst.ready.set_result(inst)
+
+    def instance_exited(self, inst: Instance, reason: str) -> None:
+        launch = None
+        with self.lock:
+            if inst.state == DEAD:
+                return
+            was_starting = inst.state == STARTING
+            inst.state = DEAD
+            inst.exit_reason = reason
+            self.instances.pop(inst.id, None)
+            connections, inst.idle_connections = inst.idle_connections, []
+            # Requests queued behind this instance get a fresh one.
+            if self.waiters and not self.closed and not self.retired \
+                    and len(self.instances) < self.spec.max_instances:
+                launch = self._new_instance_locked()
+                launch.busy = 1
+                if not self._hand_to_waiter_locked(launch):
+                    launch.busy = 0
+        for loop, _, writer in connections:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(writer.close)
+        if not inst.ready.done():
+            inst.ready.set_exception(InstanceFailed(reason))
+        if not inst.exited.done():
+            inst.exited.set_result(reason)
+        with contextlib.suppress(FileNotFoundError, OSError):
+            inst.socket_path.unlink()
+        if not self.closed and (was_starting or "killed" not in reason or inst.busy):
+            self.on_log({"level": "WARNING", "message": f"instance {inst.id}: {reason}", "instance": inst.id})
+        if launch is not None:
+            self.launcher.launch(launch)
+
+    def kill(self, inst: Instance, reason: str) -> None:
+        """Stop an instance now (timeout, scale-down); it leaves the pool at once."""
+        self.launcher.kill(inst)
+        self.instance_exited(inst, reason)
+
+    # ---- upkeep ----------------------------------------------------------------------------------
+
+    def upkeep(self, idle_seconds: float) -> None:
+        """Scale idle instances down to min instances; keep min instances running."""
+        if self.closed:
+            return
+        now = time.monotonic()
+        to_stop = []
+        with self.lock:
+            live = [i for i in self.instances.values() if i.state != DEAD]
+            surplus = len(live) - (0 if self.retired else self.spec.min_instances)
+            idle = sorted((i for i in live if i.state == READY and i.busy == 0 and now - i.last_used >= idle_seconds),
+                          key=lambda i: i.last_used)
+            to_stop = idle[:max(0, surplus)]
+            missing = 0 if self.retired else self.spec.min_instances - len(live)
+        for inst in to_stop:
+            self.kill(inst, "scaled down after idling")
+        for _ in range(max(0, missing)):
+            try:
+                inst = self.acquire_sync()
+            except (Saturated, InstanceFailed) as exc:
+                self.on_log({"level": "WARNING", "message": f"could not keep a warm instance: {exc}"})
+                break
+            self.release(inst)
+
+    def retire(self) -> None:
+        self.retired = True
+        self.close_if_drained()
+
+    def close_if_drained(self) -> None:
+        with self.lock:
+            busy = any(i.busy for i in self.instances.values())
+        if not busy:
+            self.close()
+
+    def close(self) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            instances = list(self.instances.values())
+            waiters, self.waiters = list(self.waiters), collections.deque()
+        for future in waiters:
+            with contextlib.suppress(RuntimeError):
+                future.get_loop().call_soon_threadsafe(
+                    lambda f=future: f.done() or f.set_exception(PoolClosed()))
+        for inst in instances:
+            self.launcher.kill(inst)
+            self.instance_exited(inst, "the revision stopped")
+        self.launcher.close()
+        with contextlib.suppress(OSError):
+            for path in Path(self.socket_dir).iterdir():
+                path.unlink()
+            os.rmdir(self.socket_dir)
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            return {"instances": sum(1 for i in self.instances.values() if i.state != DEAD),
+                    "busy": sum(i.busy for i in self.instances.values()), "queued": len(self.waiters)}

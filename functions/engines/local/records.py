@@ -1,0 +1,169 @@
+"""Invocation records and their log lines, written in batches by one thread off the request path,
+and kept within the retention limit (NIMBUS_LOCAL["RETENTION"])."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+import uuid
+from datetime import timedelta
+
+from django.db import OperationalError, connections
+from django.utils import timezone
+
+log = logging.getLogger(__name__)
+
+FLUSH_INTERVAL = 0.25
+ORPHAN_LOG_SECONDS = 30.0  # log lines wait this long for their invocation record
+PRUNE_INTERVAL = 30.0
+KNOWN_IDS = 20000
+WRITE_ATTEMPTS = 3
+
+
+class RecordsWriter:
+    def __init__(self, retention: dict | None = None):
+        retention = retention or {}
+        self.max_per_function = int(retention.get("MAX_PER_FUNCTION", 1000))
+        self.max_days = float(retention.get("DAYS", 7))
+        self.queue: queue.Queue = queue.Queue()
+        self.written: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.waiting_logs: dict[str, list] = {}
+        self.waiting_since: dict[str, float] = {}
+        self.touched_functions: set[int] = set()
+        self.last_prune = time.monotonic()
+        self.flush_lock = threading.Lock()
+        self.wake = threading.Event()
+        self.stopping = False
+        self.thread: threading.Thread | None = None
+        self.thread_lock = threading.Lock()
+
+    def _ensure_thread(self) -> None:
+        if self.thread is None or not self.thread.is_alive():
+            with self.thread_lock:
+                if self.thread is None or not self.thread.is_alive():
+                    self.thread = threading.Thread(target=self._run, name="nimbus-records", daemon=True)
+                    self.thread.start()
+
+    def submit(self, record: dict) -> None:
+        """Queue one invocation (the Invocation fields as a dict)."""
+        self.queue.put(("record", record))
+        self._ensure_thread()
+
+    def add_log(self, invocation_id: str, when, level: str, message: str) -> None:
+        self.queue.put(("log", (invocation_id, when, level, message)))
+        self._ensure_thread()
+
+    def _run(self) -> None:
+        while not self.stopping:
+            self.wake.wait(FLUSH_INTERVAL)
+            self.wake.clear()
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - records are best effort; the writer keeps going
+                log.exception("writing invocation records failed")
+
+    def flush(self) -> int:
+        """Write everything queued so far; returns how many records were written."""
+        with self.flush_lock:
+            records, logs = [], []
+            while True:
+                try:
+                    kind, item = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                (records if kind == "record" else logs).append(item)
+            if not records and not logs and not self.waiting_logs:
+                return 0
+            try:
+                written = self._write(records, logs)
+                if time.monotonic() - self.last_prune > PRUNE_INTERVAL:
+                    self.prune()
+                return written
+            finally:
+                if threading.current_thread() is self.thread:
+                    # A short-lived connection per batch: nothing stays open between flushes.
+                    connections.close_all()
+
+    def _write(self, records: list[dict], logs: list) -> int:
+        from functions.models import Function, Invocation, InvocationLog, Revision
+
+        # What the gateway learnt about each trace rides along with the record, not into the table.
+        traces = {str(r["id"]): r.pop("trace", None) for r in records if "trace" in r}
+        if records:
+            function_ids = {r["function_id"] for r in records}
+            existing = set(Function.objects.filter(pk__in=function_ids).values_list("pk", flat=True))
+            revision_ids = {r.get("revision_id") for r in records if r.get("revision_id")}
+            revisions = set(Revision.objects.filter(pk__in=revision_ids).values_list("pk", flat=True))
+            rows = []
+            for record in records:
+                if record["function_id"] not in existing:
+                    continue  # the function was deleted meanwhile
+                if record.get("revision_id") not in revisions:
+                    record = dict(record, revision_id=None)
+                rows.append(Invocation(**record))
+            for attempt in range(WRITE_ATTEMPTS):
+                try:
+                    Invocation.objects.bulk_create(rows, ignore_conflicts=True)
+                    break
+                except OperationalError:
+                    # A transient lock (SQLite) must not cost the batch; the insert is idempotent.
+                    if attempt == WRITE_ATTEMPTS - 1:
+                        raise
+                    time.sleep(0.05 * 2 ** attempt)
+            for row in rows:
+                self.written[str(row.id)] = None
+                self.touched_functions.add(row.function_id)
+            while len(self.written) > KNOWN_IDS:
+                self.written.popitem(last=False)
+            try:
+                from observability.ingest import invocations_written
+
+                invocations_written(rows, traces)
+            except Exception:  # noqa: BLE001 - metrics and traces must never cost the records themselves
+                log.exception("rolling up invocation records failed")
+        now = time.monotonic()
+        for invocation_id, when, level, message in logs:
+            self.waiting_logs.setdefault(invocation_id, []).append((when, level, message))
+            self.waiting_since.setdefault(invocation_id, now)
+        lines = []
+        for invocation_id in list(self.waiting_logs):
+            if invocation_id in self.written:
+                for when, level, message in self.waiting_logs.pop(invocation_id):
+                    lines.append(InvocationLog(invocation_id=uuid.UUID(invocation_id), time=when,
+                                               level=level[:10], message=message))
+                self.waiting_since.pop(invocation_id, None)
+            elif now - self.waiting_since.get(invocation_id, now) > ORPHAN_LOG_SECONDS:
+                self.waiting_logs.pop(invocation_id, None)
+                self.waiting_since.pop(invocation_id, None)
+        if lines:
+            InvocationLog.objects.bulk_create(lines)
+        return len(records)
+
+    def prune(self) -> None:
+        """Keep the newest MAX_PER_FUNCTION records of each function, none older than DAYS."""
+        from functions.models import Invocation
+
+        self.last_prune = time.monotonic()
+        if self.max_days:
+            Invocation.objects.filter(started_at__lt=timezone.now() - timedelta(days=self.max_days)).delete()
+        for function_id in list(self.touched_functions):
+            cutoff = (Invocation.objects.filter(function_id=function_id).order_by("-started_at", "-id")
+                      .values_list("started_at", flat=True)[self.max_per_function:self.max_per_function + 1])
+            cutoff = list(cutoff)
+            if cutoff:
+                Invocation.objects.filter(function_id=function_id, started_at__lte=cutoff[0]).delete()
+        self.touched_functions.clear()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.wake.set()
+        thread = self.thread
+        if thread is not None and thread.is_alive() and thread is not threading.current_thread():
+            thread.join(timeout=5)
+        try:
+            self.flush()
+        except Exception:  # noqa: BLE001 - shutting down: nothing left to report to
+            log.exception("final flush of invocation records failed")

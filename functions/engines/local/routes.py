@@ -1,0 +1,116 @@
+"""The gateway's route table: which revisions of which function take traffic, read from the
+database (TrafficTarget + Revision + Function) and cached, so requests do not query it."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+
+from django.db import close_old_connections, connections
+
+
+@dataclass(frozen=True)
+class Target:
+    revision: int
+    revision_id: int
+    percent: int
+    tag: str
+
+
+@dataclass
+class Route:
+    function_id: int
+    tenant: str
+    tenant_id: int
+    name: str
+    invoke_auth: str
+    offline: bool
+    memory_mb: int
+    targets: list[Target] = field(default_factory=list)
+
+    def pick(self, tag: str | None = None, rng=random) -> Target | None:
+        """The revision for one request: the tagged one, or a weighted draw by percent."""
+        if tag:
+            return next((t for t in self.targets if t.tag == tag), None)
+        weighted = [t for t in self.targets if t.percent > 0]
+        if not weighted:
+            return None
+        point = rng.random() * sum(t.percent for t in weighted)
+        for target in weighted:
+            point -= target.percent
+            if point < 0:
+                return target
+        return weighted[-1]
+
+
+class RouteTable:
+    def __init__(self, ttl: float = 3.0):
+        self.ttl = ttl
+        self.routes: dict[tuple[str, str], Route] = {}
+        self.loaded_at = 0.0
+        self.lock = threading.Lock()
+        # Until the database shows a deploy's traffic (written after engine.deploy returns), reload often.
+        self.eager_until = 0.0
+        self.on_load = None  # called with the fresh routes (the engine retires unrouted revisions)
+
+    def invalidate(self, *, eager_seconds: float = 0.0) -> None:
+        self.loaded_at = 0.0
+        if eager_seconds:
+            self.eager_until = max(self.eager_until, time.monotonic() + eager_seconds)
+
+    def _stale(self) -> bool:
+        age = time.monotonic() - self.loaded_at
+        if time.monotonic() < self.eager_until:
+            return age > 0.2
+        return age > self.ttl
+
+    def refresh(self, force: bool = False) -> None:
+        with self.lock:
+            if force or self._stale():
+                self.routes = self._load()
+                self.loaded_at = time.monotonic()
+                if self.on_load is not None:
+                    self.on_load(self.routes)
+
+    def _load(self) -> dict[tuple[str, str], Route]:
+        from functions.models import Function, Revision, TrafficTarget
+        from tenancy.models import Tenant
+
+        routes: dict[tuple[str, str], Route] = {}
+        rows = (TrafficTarget.objects
+                .filter(revision__status=Revision.Status.READY)
+                .values_list("function_id", "function__name", "function__tenant__slug", "function__tenant_id",
+                             "function__tenant__status", "function__invoke_auth", "function__state",
+                             "function__memory_mb", "revision__number", "revision_id", "percent", "tag"))
+        for (function_id, name, tenant, tenant_id, tenant_status, auth, state, memory, number, revision_id,
+             percent, tag) in rows:
+            if tenant_status != Tenant.Status.ACTIVE:
+                continue  # a suspended tenant's functions do not answer
+            route = routes.get((tenant, name))
+            if route is None:
+                route = routes[(tenant, name)] = Route(
+                    function_id=function_id, tenant=tenant, tenant_id=tenant_id, name=name, invoke_auth=auth,
+                    offline=state == Function.State.OFFLINE, memory_mb=memory)
+            route.targets.append(Target(revision=number, revision_id=revision_id, percent=percent, tag=tag))
+        return routes
+
+    def get(self, tenant: str, name: str) -> Route | None:
+        self.refresh()
+        return self.routes.get((tenant, name))
+
+    async def aget(self, tenant: str, name: str) -> Route | None:
+        if self._stale():
+            await asyncio.to_thread(with_own_connection, self.refresh)
+        return self.routes.get((tenant, name))
+
+
+def with_own_connection(fn, *args):
+    """Run ``fn`` in a worker thread of the event loop, leaving no database connection open there."""
+    close_old_connections()
+    try:
+        return fn(*args)
+    finally:
+        connections.close_all()

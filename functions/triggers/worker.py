@@ -1,0 +1,299 @@
+"""The delivery worker: fires due cron triggers, claims deliveries with a lease, invokes each
+through the local engine, settles it (result, retry with backoff, dead letter), moves sequences
+on to their next step and posts results to callback URLs.
+
+One thread with its own event loop; database work runs on a small thread pool. It runs inside
+the portal process (``start_in_process``, from the ASGI entry point) and as
+``manage.py nimbus_worker`` in separate processes; any number of them may share one database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+from django.db import OperationalError, close_old_connections, connections, transaction
+from django.utils import timezone
+
+from functions.models import Delivery, SequenceStep
+from functions.triggers import cron, queue
+
+log = logging.getLogger(__name__)
+
+CALLBACK_TIMEOUT = 5.0
+DB_RETRIES = 5
+POLICY_TTL = 2.0
+
+
+def result_document(delivery: Delivery) -> dict:
+    """What the status endpoint and callbacks say about a delivery."""
+    body = bytes(delivery.result_body) if delivery.result_body is not None else None
+    document = {
+        "id": str(delivery.pk), "function": delivery.function.name,
+        "source": delivery.source, "state": delivery.state, "attempts": delivery.attempts,
+        "created_at": delivery.created_at.isoformat() if delivery.created_at else None,
+        "finished_at": delivery.finished_at.isoformat() if delivery.finished_at else None,
+        "invocation_id": str(delivery.invocation_id) if delivery.invocation_id else None,
+        "error": delivery.last_error, "status": delivery.result_status,
+        "headers": dict(delivery.result_headers or []),
+        "run_id": str(delivery.run_id) if delivery.run_id else None, "step": delivery.step,
+    }
+    if body is None:
+        document["body"] = None
+    else:
+        try:
+            document["body"] = body.decode("utf-8")
+        except UnicodeDecodeError:
+            document["body_base64"] = base64.b64encode(body).decode()
+            document["body"] = None
+    return document
+
+
+def post_callback(delivery_id) -> str:
+    """POST the final result to the delivery's callback URL (one try; the outcome is recorded)."""
+    delivery = Delivery.objects.select_related("function").get(pk=delivery_id)
+    if not delivery.callback_url:
+        return ""
+    payload = json.dumps(result_document(delivery)).encode()
+    request = urllib.request.Request(delivery.callback_url, data=payload, method="POST", headers={
+        "Content-Type": "application/json", "User-Agent": "nimbus-callback/1",
+        "X-Nimbus-Delivery-Id": str(delivery.pk), "X-Nimbus-Delivery-State": delivery.state})
+    try:
+        with urllib.request.urlopen(request, timeout=CALLBACK_TIMEOUT) as response:  # noqa: S310 - user's own URL
+            outcome = f"{response.status}"
+    except urllib.error.HTTPError as exc:
+        outcome = f"{exc.code}"
+    except (OSError, ValueError) as exc:
+        outcome = f"failed: {exc}"[:100]
+    Delivery.objects.filter(pk=delivery.pk).update(callback_status=outcome[:100])
+    return outcome
+
+
+class Worker:
+    def __init__(self, *, worker_id: str | None = None, concurrency: int = 8, poll_seconds: float = 0.25,
+                 lease_seconds: float = queue.DEFAULT_LEASE_SECONDS, cron_enabled: bool = True, engine=None):
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.concurrency = max(1, concurrency)
+        self.poll_seconds = poll_seconds
+        self.lease_seconds = lease_seconds
+        self.cron_enabled = cron_enabled
+        self._engine = engine
+        self.held: dict[uuid.UUID, int] = {}  # delivery id → attempt, while invoking
+        self.policies: dict[int, tuple[float, queue.Policy]] = {}
+        self.processed = 0
+        self.thread: threading.Thread | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.wakeup: asyncio.Event | None = None
+        self.stopping = threading.Event()
+        self.db = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nimbus-worker-db")
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            from functions.engines import get_engine
+
+            self._engine = get_engine()
+        return self._engine
+
+    # ---- life cycle --------------------------------------------------------------------------------
+
+    def start(self) -> Worker:
+        self.thread = threading.Thread(target=self.run, name=f"nimbus-worker-{self.worker_id}", daemon=True)
+        self.thread.start()
+        return self
+
+    def run(self) -> None:
+        """Run until stop() (blocking; the management command calls this in its main thread)."""
+        asyncio.run(self._main())
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.stopping.set()
+        self.wake()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(timeout)
+
+    def wake(self) -> None:
+        """Look at the queue now (a delivery was just stored in this process)."""
+        loop, event = self.loop, self.wakeup
+        if loop is not None and event is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:
+                pass  # the loop closed meanwhile
+
+    async def _db(self, fn, *args, **kwargs):
+        def call():
+            close_old_connections()
+            for attempt in range(DB_RETRIES):
+                try:
+                    return fn(*args, **kwargs)
+                except OperationalError as exc:
+                    # SQLite answers "database is locked" to a writer that waited too long; every
+                    # queue write is conditional on the attempt it settles, so trying again is safe.
+                    if "locked" not in str(exc) or attempt == DB_RETRIES - 1:
+                        raise
+                    time.sleep(0.05 * (attempt + 1))
+
+        return await asyncio.get_running_loop().run_in_executor(self.db, call)
+
+    async def _main(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.wakeup = asyncio.Event()
+        running: set[asyncio.Task] = set()
+        renewer = asyncio.create_task(self._renew_leases())
+        try:
+            while not self.stopping.is_set():
+                if self.cron_enabled:
+                    try:
+                        await self._db(cron.fire_due)
+                    except Exception:  # noqa: BLE001 - the database may be briefly unavailable
+                        log.exception("firing cron triggers failed")
+                free = self.concurrency - len(running)
+                claimed = []
+                if free > 0:
+                    try:
+                        claimed = await self._db(queue.claim, self.worker_id, limit=free,
+                                                 lease_seconds=self.lease_seconds)
+                    except Exception:  # noqa: BLE001 - try again on the next round
+                        log.exception("claiming deliveries failed")
+                for delivery in claimed:
+                    self.held[delivery.pk] = delivery.attempts
+                    task = asyncio.create_task(self._process(delivery))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                if claimed and len(running) < self.concurrency:
+                    continue  # there may be more due right away
+                self.wakeup.clear()
+                waiters = [asyncio.create_task(self.wakeup.wait())] + list(running)
+                await asyncio.wait(waiters, timeout=self.poll_seconds, return_when=asyncio.FIRST_COMPLETED)
+                waiters[0].cancel()
+            if running:
+                await asyncio.wait(running, timeout=30)
+        finally:
+            renewer.cancel()
+            self.db.submit(connections.close_all).result(timeout=5)
+            self.db.shutdown(wait=False)
+            self.loop = None
+
+    async def _renew_leases(self) -> None:
+        while True:
+            await asyncio.sleep(max(self.lease_seconds / 3, 0.05))
+            if self.held:
+                try:
+                    await self._db(queue.renew, self.worker_id, list(self.held.items()),
+                                   lease_seconds=self.lease_seconds)
+                except Exception:  # noqa: BLE001 - renewed on the next round, or the lease lapses
+                    log.warning("renewing leases failed", exc_info=True)
+
+    # ---- one delivery -------------------------------------------------------------------------------
+
+    async def _process(self, delivery: Delivery) -> None:
+        try:
+            await self._deliver(delivery)
+        except Exception:  # noqa: BLE001 - the lease lapses and another attempt follows
+            log.exception("delivering %s failed", delivery.pk)
+        finally:
+            self.held.pop(delivery.pk, None)
+            self.processed += 1
+
+    async def _policy(self, function_id: int) -> queue.Policy:
+        """The function's retry policy, re-read at most every POLICY_TTL seconds."""
+        cached = self.policies.get(function_id)
+        if cached is not None and time.monotonic() - cached[0] < POLICY_TTL:
+            return cached[1]
+        policy = await self._db(queue.policy_for, function_id)
+        self.policies[function_id] = (time.monotonic(), policy)
+        return policy
+
+    async def _deliver(self, delivery: Delivery) -> None:
+        from functions.engines.local.invoke import invoke
+
+        policy = await self._policy(delivery.function_id)
+        age = (timezone.now() - delivery.created_at).total_seconds()
+        if age > policy.max_event_age_seconds:
+            if await self._db(queue.expire, delivery, self.worker_id, policy=policy):
+                await self._after_final(delivery)
+            return
+        function = delivery.function
+        result = await invoke(self.engine, tenant=function.tenant.slug, name=function.name, tag=delivery.tag,
+                              method=delivery.method, path=delivery.path,
+                              headers=[tuple(h) for h in delivery.headers], body=bytes(delivery.body),
+                              trigger=delivery.source)
+        if result.retryable:
+            error = result.error or f"the function answered {result.status}"
+            state = await self._db(queue.fail, delivery, self.worker_id, error=error, policy=policy,
+                                   status=result.status, headers=result.headers, body=result.body,
+                                   invocation_id=result.invocation_id)
+            if state == Delivery.State.DEAD:
+                await self._after_final(delivery)
+            return
+        final = await self._db(self._succeed, delivery, result)
+        if final:
+            await self._after_final(delivery)
+
+    def _succeed(self, delivery: Delivery, result) -> bool:
+        """Record success and, inside the same transaction, queue a sequence's next step. True when
+        this was the last step (or no sequence)."""
+        with transaction.atomic():
+            if not queue.succeed(delivery, self.worker_id, status=result.status, headers=result.headers,
+                                 body=result.body, invocation_id=result.invocation_id):
+                return False
+            if delivery.sequence_id is None:
+                return True
+            following = (SequenceStep.objects.filter(sequence_id=delivery.sequence_id, position=delivery.step + 1)
+                         .select_related("function").first())
+            if following is None:
+                return True
+            content_type = next((v for k, v in result.headers if k.lower() == "content-type"),
+                                "application/octet-stream")
+            trace = next(([k, v] for k, v in delivery.headers if k.lower() == "traceparent"), None)
+            headers = [("content-type", content_type)] + ([tuple(trace)] if trace else [])
+            queue.enqueue(function=following.function, source=Delivery.Source.SEQUENCE,
+                                          headers=headers, body=result.body, sequence=delivery.sequence,
+                                          step=following.position, run_id=delivery.run_id or delivery.pk,
+                                          callback_url=delivery.callback_url)
+            transaction.on_commit(self.wake)
+            return False
+
+    async def _after_final(self, delivery: Delivery) -> None:
+        if delivery.callback_url:
+            await self._db(post_callback, delivery.pk)
+
+
+# ---- the in-process worker -------------------------------------------------------------------------
+
+_in_process: Worker | None = None
+_in_process_lock = threading.Lock()
+
+
+def in_process_worker() -> Worker | None:
+    return _in_process
+
+
+def start_in_process(**options) -> Worker | None:
+    """Start this process's worker once (the portal's ASGI entry point calls this). Not in tests
+    (NIMBUS_TESTING) or when NIMBUS_WORKER=external (separate ``nimbus_worker`` processes)."""
+    global _in_process
+    if os.environ.get("NIMBUS_TESTING") == "1" or os.environ.get("NIMBUS_WORKER", "inprocess") != "inprocess":
+        return None
+    with _in_process_lock:
+        if _in_process is None:
+            _in_process = Worker(worker_id=f"portal-{socket.gethostname()}-{os.getpid()}", **options).start()
+    return _in_process
+
+
+def notify() -> None:
+    """Wake this process's worker (after a delivery was stored here)."""
+    worker = _in_process
+    if worker is not None:
+        worker.wake()

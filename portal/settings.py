@@ -213,6 +213,8 @@ NIMBUS_MAX_SOURCE_BYTES = int(os.environ.get("NIMBUS_MAX_SOURCE_BYTES", str(2 * 
 NIMBUS_MAX_FILES = int(os.environ.get("NIMBUS_MAX_FILES", "200"))
 # Run the engine's part of a deploy in a background thread (the default) or inline (tests, CLI).
 NIMBUS_DEPLOY_INLINE = env_bool("NIMBUS_DEPLOY_INLINE", False)
+# Seconds between IDE presence beats; an editor silent for three beats (its process died) is dropped.
+NIMBUS_IDE_PRESENCE_BEAT = float(os.environ.get("NIMBUS_IDE_PRESENCE_BEAT", "20"))
 
 # Local engine (functions/engines/local): where revision code lives, and its defaults.
 NIMBUS_LOCAL = {

@@ -12,6 +12,7 @@ import logging
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.conf import settings
 from django.db import connection
 
 from functions import services as function_services
@@ -59,6 +60,7 @@ class IdeConsumer(AsyncJsonWebsocketConsumer):
     function_id: int | None = None
     presence: Presence | None = None
     tail_task: asyncio.Task | None = None
+    heartbeat_task: asyncio.Task | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -85,10 +87,13 @@ class IdeConsumer(AsyncJsonWebsocketConsumer):
         await self.accept()
         await self.channel_layer.group_send(self.group, {
             "type": "presence.join", "channel": self.channel_name, "user": self.presence.username})
+        self.heartbeat_task = asyncio.create_task(self.heartbeat())
 
     async def disconnect(self, code):
         if self.tail_task is not None:
             self.tail_task.cancel()
+        if self.heartbeat_task is not None:
+            self.heartbeat_task.cancel()
         if self.function_id is None:
             return
         await self.channel_layer.group_send(self.group, {"type": "presence.leave", "channel": self.channel_name})
@@ -111,6 +116,25 @@ class IdeConsumer(AsyncJsonWebsocketConsumer):
     async def presence_here(self, message):
         if self.presence.join(message["channel"], message["user"]):
             await self.send_presence()
+
+    async def presence_beat(self, message):
+        if self.presence.join(message["channel"], message["user"]):
+            await self.send_presence()
+
+    async def heartbeat(self):
+        """Tell the others this editor is still open; forget those that went quiet (a dead process)."""
+        interval = settings.NIMBUS_IDE_PRESENCE_BEAT
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.channel_layer.group_send(self.group, {
+                    "type": "presence.beat", "channel": self.channel_name, "user": self.presence.username})
+                if self.presence.expire(interval):
+                    await self.send_presence()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a layer hiccup costs one beat, not the connection
+                log.warning("IDE presence heartbeat failed", exc_info=True)
 
     async def presence_leave(self, message):
         if self.presence.leave(message["channel"]):

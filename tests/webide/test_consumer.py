@@ -372,3 +372,24 @@ def test_session_cookie_helper_logs_in(members):
     cookie = session_cookie(members["viewer"]).decode()
     key = cookie.split("=", 1)[1]
     assert Session.objects.get(session_key=key).get_decoded()["_auth_user_id"] == str(members["viewer"].pk)
+
+
+async def test_an_editor_whose_process_died_leaves_the_presence_list(function, cookies, settings):
+    """A join with no goodbye and no beats (its process was killed) drops out after a few beats."""
+    from channels.layers import get_channel_layer
+
+    from functions.events import function_group
+
+    settings.NIMBUS_IDE_PRESENCE_BEAT = 0.1
+    async with ide_session(cookies["developer"]) as ide, ide_session(cookies["admin"]) as other:
+        await ide.expect(lambda m: m["type"] == "presence" and len(m["users"]) == 2)
+        layer = get_channel_layer()
+        ghost = await layer.new_channel()
+        await layer.group_send(function_group(function.pk), {
+            "type": "presence.join", "channel": ghost, "user": "acme-owner"})
+        joined = await ide.expect(lambda m: m["type"] == "presence" and len(m["users"]) == 3)
+        assert {u["user"] for u in joined["users"]} == {"acme-admin", "acme-developer", "acme-owner"}
+        # The live editor keeps beating and stays; the ghost is forgotten.
+        gone = await ide.expect(lambda m: m["type"] == "presence" and len(m["users"]) == 2)
+        assert {u["user"] for u in gone["users"]} == {"acme-admin", "acme-developer"}
+        await other.ask("open", "opened")

@@ -10,51 +10,12 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from functions.engines import set_engine
-from functions.engines.base import DeployEvent, FunctionStatus
 from functions.models import Invocation, InvocationLog
-from portal.errors import EngineError
 from tenancy.models import Role
 from tests.conftest import make_user
+from tests.doubles import RecordingEngine
 
 SECRET_VALUE = "s3cr3t-Value-7f2c9a"
-
-
-class RecordingEngine:
-    """Test double for the engine: records every call; ``fail_deploy`` makes the next deploys fail."""
-
-    def __init__(self):
-        # get_engine() replaces an engine whose name differs from the configured one.
-        self.name = settings.NIMBUS_ENGINE
-        self.calls = []
-        self.fail_deploy = None
-
-    def ensure_tenant(self, tenant):
-        self.calls.append(("ensure_tenant", tenant.slug))
-
-    def deploy(self, spec, *, traffic, progress):
-        routes = [(t.revision, t.percent, t.tag) for t in traffic]
-        self.calls.append(("deploy", spec.function.name, spec.number, routes))
-        if self.fail_deploy:
-            raise EngineError(self.fail_deploy)
-        progress(DeployEvent("instance", "ok", "started"))
-
-    def set_traffic(self, function, traffic):
-        self.calls.append(("set_traffic", function.name, [(t.revision, t.percent, t.tag) for t in traffic]))
-
-    def set_offline(self, function, offline):
-        self.calls.append(("set_offline", function.name, offline))
-
-    def delete(self, function):
-        self.calls.append(("delete", function.name))
-
-    def status(self, function):
-        return FunctionStatus(ready=False)
-
-    def logs(self, function, **kwargs):
-        return iter(())
-
-    def named(self, method):
-        return [call for call in self.calls if call[0] == method]
 
 
 @pytest.fixture

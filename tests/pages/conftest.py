@@ -5,43 +5,14 @@ import pytest
 from django.test import Client
 
 from functions.engines import set_engine
-from functions.engines.base import DeployEvent, FunctionStatus
-
-
-class InstantEngine:
-    """Accepts every deploy at once; the pages only need the revision rows that the services write."""
-
-    name = "local"
-
-    def __init__(self):
-        self.calls = []
-
-    def ensure_tenant(self, tenant):
-        self.calls.append(("ensure_tenant", tenant.slug))
-
-    def deploy(self, spec, *, traffic, progress):
-        self.calls.append(("deploy", spec.number))
-        progress(DeployEvent("done", "ok", "ready"))
-
-    def set_traffic(self, function, traffic):
-        self.calls.append(("set_traffic", [(t.revision, t.percent, t.tag) for t in traffic]))
-
-    def set_offline(self, function, offline):
-        self.calls.append(("set_offline", offline))
-
-    def delete(self, function):
-        self.calls.append(("delete", function.name))
-
-    def status(self, function):
-        return FunctionStatus(ready=True)
-
-    def logs(self, function, **kwargs):
-        return iter(())
+from functions.engines.base import DeployEvent
+from tests.doubles import RecordingEngine
 
 
 @pytest.fixture(autouse=True)
 def engine():
-    double = InstantEngine()
+    # Accepts every deploy at once; the pages only need the revision rows that the services write.
+    double = RecordingEngine(steps=[DeployEvent("done", "ok", "ready")], ready=True)
     set_engine(double)
     yield double
     set_engine(None)

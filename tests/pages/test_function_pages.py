@@ -62,7 +62,7 @@ def test_developer_sees_ide_link_and_can_take_offline(deployed, members, client_
     viewer = client_for(members["viewer"])
     assert viewer.post(url("function_state")).status_code == 403
     assert viewer.get(url("function_state")).status_code == 403
-    assert engine.calls[-2:] == [("set_offline", True), ("set_offline", False)]
+    assert engine.named("set_offline")[-2:] == [("set_offline", "hello", True), ("set_offline", "hello", False)]
 
 
 # ---- configuration ---------------------------------------------------------------------------

@@ -10,52 +10,20 @@ from django.conf import settings
 from django.test import Client
 
 from functions.engines import set_engine
-from functions.engines.base import DeployEvent, FunctionStatus
-from portal.errors import EngineError
+from functions.engines.base import DeployEvent
+from tests.doubles import RecordingEngine
 
 ORIGIN = (b"origin", b"http://testserver")
 
 
-class ProgressEngine:
-    """Engine double that reports each deploy step through ``progress`` like a real engine would."""
-
-    def __init__(self):
-        self.name = settings.NIMBUS_ENGINE  # get_engine() keeps an engine whose name matches the setting
-        self.deployed = []
-        self.traffic = []
-        self.fail_deploy = None
-
-    def ensure_tenant(self, tenant):
-        pass
-
-    def deploy(self, spec, *, traffic, progress):
-        self.deployed.append((spec.function.name, spec.number, dict(spec.files)))
-        progress(DeployEvent("dependencies", "running", "Installing requirements"))
-        progress(DeployEvent("dependencies", "ok", "Requirements installed", output="Successfully installed nothing"))
-        progress(DeployEvent("instance", "ok", "Instance started"))
-        if self.fail_deploy:
-            raise EngineError(self.fail_deploy)
-        progress(DeployEvent("health", "ok", "Health check passed"))
-
-    def set_traffic(self, function, traffic):
-        self.traffic.append([(t.revision, t.percent) for t in traffic])
-
-    def set_offline(self, function, offline):
-        pass
-
-    def delete(self, function):
-        pass
-
-    def status(self, function):
-        return FunctionStatus(ready=True)
-
-    def logs(self, function, **kwargs):
-        return iter(())
-
-
 @pytest.fixture
 def engine():
-    double = ProgressEngine()
+    # Reports each deploy step like a real engine would; ``fail_deploy`` fails after the instance step.
+    double = RecordingEngine(
+        steps=[DeployEvent("dependencies", "running", "Installing requirements"),
+               DeployEvent("dependencies", "ok", "Requirements installed", output="Successfully installed nothing"),
+               DeployEvent("instance", "ok", "Instance started")],
+        after=[DeployEvent("health", "ok", "Health check passed")], ready=True)
     set_engine(double)
     yield double
     set_engine(None)

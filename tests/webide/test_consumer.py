@@ -162,7 +162,7 @@ async def test_deploy_streams_progress_then_answers(function, cookies, engine):
                      ("health", "ok"), ("done", "ok")]
     assert deployed["revision"] == 1 and deployed["status"] == "ready"
     assert seen["event"]["revision"] == 1
-    assert engine.deployed[0][:2] == ("hello", 1)
+    assert engine.named("deploy")[0][1:3] == ("hello", 1)
 
 
 async def test_failed_deploy_reports_the_engine_error(function, cookies, engine):
@@ -184,7 +184,7 @@ async def test_deploy_with_a_syntax_error_is_refused_with_markers(function, cook
         error = await ide.expect(lambda m: m.get("reply_to") == request_id and m["type"] == "error")
     assert markers["markers"][0]["line"] == 2
     assert error["code"] == "invalid_source"
-    assert engine.deployed == []
+    assert engine.named("deploy") == []
     assert not await sync_to_async(Revision.objects.exists)()
 
 
@@ -206,7 +206,7 @@ async def test_revisions_diff_and_rollback(function, cookies, engine):
         assert rolled["revision"] == 1
         after = await ide.expect(lambda m: m.get("reply_to") == request_id and m["type"] == "revisions")
     assert [(r["number"], r["percent"]) for r in after["revisions"]] == [(2, 0), (1, 100)]
-    assert engine.traffic[-1] == [(1, 100)]
+    assert engine.named("set_traffic")[-1][2] == [(1, 100, "")]
 
 
 # ---- permissions --------------------------------------------------------------------------------
@@ -225,7 +225,7 @@ async def test_viewer_gets_a_read_only_editor(function, cookies, engine):
         assert reply["type"] == "error"
         assert reply["code"] == "permission_denied"
     assert await file_content() != "# no\n"
-    assert engine.deployed == []
+    assert engine.named("deploy") == []
 
 
 async def test_access_withdrawn_while_open_is_refused(function, cookies, members):

@@ -8,7 +8,7 @@ from django.db.models import QuerySet
 from guardian.core import ObjectPermissionChecker
 from guardian.shortcuts import get_objects_for_user, get_users_with_perms
 
-from functions.models import Function, Invocation, Revision, TrafficTarget
+from functions.models import EnvVar, Function, Invocation, Revision, Secret, SourceFile, TrafficTarget
 from portal.errors import NotFound, PermissionDenied
 
 ACTIONS = ("view", "change", "deploy", "delete", "share")
@@ -62,6 +62,34 @@ def function_permissions(user, functions) -> dict[int, set[str]]:
     if functions:
         checker.prefetch_perms(functions)
     return {f.pk: {a for a in ACTIONS if checker.has_perm(f"{a}_function", f)} for f in functions}
+
+
+def source_files_for_function(function: Function) -> QuerySet[SourceFile]:
+    """The draft's files, by path (a caller that only needs names should add ``.only("path")``)."""
+    return SourceFile.objects.filter(function=function)
+
+
+def source_file_for_function(function: Function, path: str) -> SourceFile:
+    source = SourceFile.objects.filter(function=function, path=path).first()
+    if source is None:
+        raise NotFound(f"The function has no file '{path}'.")
+    return source
+
+
+def env_vars_for_function(function: Function) -> QuerySet[EnvVar]:
+    return EnvVar.objects.filter(function=function)
+
+
+def secrets_for_function(function: Function) -> QuerySet[Secret]:
+    """Secret names and times only: values never leave the services."""
+    return Secret.objects.filter(function=function).only("name", "updated_at")
+
+
+def retry_policy_for_function(function: Function):
+    """The function's retry policy, or an unsaved one with the defaults."""
+    from functions.models import RetryPolicy
+
+    return RetryPolicy.objects.filter(function=function).first() or RetryPolicy(function=function)
 
 
 def revisions_for_function(function: Function) -> QuerySet[Revision]:

@@ -23,14 +23,18 @@ from functions.forms import (
     ShareForm,
     starter_choices,
 )
-from functions.models import EnvVar, Function, Revision, Secret, SourceFile
+from functions.models import Function, Revision
 from functions.selectors import (
     function_direct_grants,
     function_for_user,
     function_permissions,
     functions_for_user,
+    env_vars_for_function,
     invocations_for_function,
     revisions_for_function,
+    secrets_for_function,
+    source_file_for_function,
+    source_files_for_function,
     traffic_for_function,
 )
 from functions.services import (
@@ -50,7 +54,7 @@ from functions.services import (
     function_update,
     revision_rollback,
 )
-from portal.errors import NimbusError, PermissionDenied
+from portal.errors import NimbusError, NotFound, PermissionDenied
 from portal.views import form_error_from, nimbus_page
 from tenancy.permissions import SHARE_LEVELS
 from tenancy.views import tenant_context, tenant_page
@@ -223,15 +227,16 @@ def function_config(request, function):
 
 @function_page
 def function_files(request, function):
-    files = list(SourceFile.objects.filter(function=function).only("path", "content", "updated_at"))
+    files = list(source_files_for_function(function).only("path", "content", "updated_at"))
     return render(request, "functions/files.html", function_context(request, function, "files", files=files))
 
 
 @function_page
 def function_file(request, function, path):
-    source = SourceFile.objects.filter(function=function, path=path).first()
-    if source is None:
-        raise Http404("No such file.")
+    try:
+        source = source_file_for_function(function, path)
+    except NotFound:
+        raise Http404("No such file.") from None
     return render(request, "functions/file.html", function_context(request, function, "files", source=source))
 
 
@@ -354,8 +359,8 @@ def function_env(request, function):
         else:
             secret_form = form
     return render(request, "functions/env.html", function_context(
-        request, function, "env", env_vars=EnvVar.objects.filter(function=function),
-        secrets=Secret.objects.filter(function=function).only("name", "updated_at"),
+        request, function, "env", env_vars=env_vars_for_function(function),
+        secrets=secrets_for_function(function),
         env_form=env_form, secret_form=secret_form))
 
 
@@ -364,8 +369,8 @@ def function_env_remove(request, function, kind, name):
     if kind not in ("env", "secret"):
         raise Http404("No such kind of variable.")
     _require(request, function, "change")
-    model = EnvVar if kind == "env" else Secret
-    if not model.objects.filter(function=function, name=name).exists():
+    variables = env_vars_for_function(function) if kind == "env" else secrets_for_function(function)
+    if not variables.filter(name=name).exists():
         raise Http404("No such variable.")
     label = "variable" if kind == "env" else "secret"
     if request.method == "POST":

@@ -7,9 +7,9 @@ from django.http import Http404
 from django.shortcuts import render
 
 from functions import services_triggers as services
-from functions.models import Delivery, RetryPolicy
-from functions.selectors import deliveries_for_function, delivery_for_function, trigger_for_function, \
-    triggers_for_function
+from functions.models import Delivery
+from functions.selectors import deliveries_for_function, delivery_for_function, retry_policy_for_function, \
+    trigger_for_function, triggers_for_function
 from functions.triggers import cron
 from functions.views import _back, _require, _url, function_context, function_page
 from portal.errors import NimbusError, PermissionDenied
@@ -73,7 +73,7 @@ def function_triggers(request, function):
         return _back(function, PAGE)
     dead = Paginator(deliveries_for_function(function, state=Delivery.State.DEAD).select_related("trigger"), 20)
     recent = list(deliveries_for_function(function).select_related("trigger")[:10])
-    policy = RetryPolicy.objects.filter(function=function).first() or RetryPolicy(function=function)
+    policy = retry_policy_for_function(function)
     return render(request, "functions/triggers.html", function_context(
         request, function, "triggers", rows=_rows(function), policy=policy, recent=recent,
         dead=dead.get_page(request.GET.get("page")), curl_event=_curl_event(function)))

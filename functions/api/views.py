@@ -100,7 +100,7 @@ class FunctionDetailView(APIView):
 # ---- source files --------------------------------------------------------------------------
 
 def _source_tree(function) -> dict:
-    files = [{"path": f.path, "size": len(f.content.encode())} for f in function.files.all()]
+    files = [{"path": f.path, "size": len(f.content.encode())} for f in selectors.source_files_for_function(function)]
     return {"version": function.source_version, "files": files}
 
 
@@ -126,9 +126,7 @@ class FileDetailView(APIView):
     @extend_schema(summary="One file of the draft, with its content", responses=s.SourceFileContentSerializer)
     def get(self, request, tenant_slug, function_name, path):
         function = function_or_404(request, tenant_slug, function_name)
-        source = function.files.filter(path=path).first()
-        if source is None:
-            raise NotFound(f"There is no file '{path}'.")
+        source = selectors.source_file_for_function(function, path)
         return Response({"path": source.path, "size": len(source.content.encode()), "content": source.content,
                          "version": function.source_version})
 
@@ -259,7 +257,7 @@ class EnvListView(APIView):
     @extend_schema(summary="The function's environment variables", responses=s.EnvVarSerializer(many=True))
     def get(self, request, tenant_slug, function_name):
         function = function_or_404(request, tenant_slug, function_name)
-        return Response(s.EnvVarSerializer(function.env_vars.all(), many=True).data)
+        return Response(s.EnvVarSerializer(selectors.env_vars_for_function(function), many=True).data)
 
     @extend_schema(summary="Set one variable (used from the next deploy)", request=s.EnvVarInputSerializer,
                    responses=s.EnvVarSerializer)
@@ -284,7 +282,7 @@ class SecretListView(APIView):
                    responses=s.SecretSerializer(many=True))
     def get(self, request, tenant_slug, function_name):
         function = function_or_404(request, tenant_slug, function_name)
-        return Response(s.SecretSerializer(function.secrets.only("name", "updated_at"), many=True).data)
+        return Response(s.SecretSerializer(selectors.secrets_for_function(function), many=True).data)
 
     @extend_schema(summary="Set one secret (write-only; encrypted at rest)", request=s.SecretInputSerializer,
                    responses=s.SecretSerializer)

@@ -14,7 +14,7 @@ from rest_framework.views import APIView
 from functions import selectors, services_triggers as services
 from functions.api import serializers_triggers as s
 from functions.api.views import function_or_404
-from functions.models import Delivery, RetryPolicy
+from functions.models import Delivery
 from functions.triggers.worker import result_document
 from portal.api.permissions import SCOPE_DEPLOY
 from portal.errors import ValidationFailed
@@ -76,7 +76,7 @@ class RetryPolicyView(APIView):
                    responses=s.RetryPolicySerializer)
     def get(self, request, tenant_slug, function_name):
         function = function_or_404(request, tenant_slug, function_name)
-        policy = RetryPolicy.objects.filter(function=function).first() or RetryPolicy(function=function)
+        policy = selectors.retry_policy_for_function(function)
         return Response(s.RetryPolicySerializer(policy).data)
 
     @extend_schema(summary="Change the retry policy", request=s.RetryPolicySerializer,

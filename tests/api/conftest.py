@@ -4,7 +4,6 @@
 from types import SimpleNamespace
 
 import pytest
-from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 from rest_framework.test import APIClient

@@ -375,3 +375,10 @@ class Delivery(models.Model):
 
     def __str__(self):
         return f"{self.function_id}:{self.id} ({self.state})"
+
+    @property
+    def trace_id(self) -> str:
+        """The W3C trace this delivery continues (from its traceparent header), or ""."""
+        value = next((str(v) for k, v in self.headers or [] if str(k).lower() == "traceparent"), "")
+        parts = value.split("-")
+        return parts[1].lower() if len(parts) == 4 and len(parts[1]) == 32 else ""

@@ -260,9 +260,13 @@ def sequence_start(*, acting_user, sequence: Sequence, body: bytes = b"", conten
     for step in sequence.steps.select_related("function"):
         _require(acting_user, step.function, "view")
     run_id = uuid.uuid4()
+    # One trace for the whole run: every step carries this traceparent on, so each step's invocation
+    # is a span of it and the trace page shows the run end to end.
+    traceparent = f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01"
     with transaction.atomic():
         delivery = queue.enqueue(function=first.function, source=Delivery.Source.SEQUENCE,
-                                 headers=[("content-type", content_type)], body=body, sequence=sequence,
+                                 headers=[("content-type", content_type), ("traceparent", traceparent)],
+                                 body=body, sequence=sequence,
                                  step=first.position, run_id=run_id, callback_url=callback_url)
         audit_record(actor=acting_user, action="sequence.start", tenant=sequence.tenant, target=sequence,
                      details={"run": str(run_id)})

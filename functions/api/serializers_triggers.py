@@ -115,3 +115,5 @@ class AcceptedSerializer(serializers.Serializer):
     id = serializers.UUIDField()
     state = serializers.CharField()
     status_url = serializers.URLField()
+    trace_id = serializers.CharField(required=False, help_text="The W3C trace the delivery continues (a "
+                                                               "sequence run is one trace), when known.")

@@ -150,7 +150,10 @@ class DeadLetterDetailView(APIView):
 def _accepted(request, tenant_slug, function_name, delivery) -> dict:
     url = request.build_absolute_uri(reverse("functions-api:delivery-detail", kwargs={
         "tenant_slug": tenant_slug, "function_name": function_name, "delivery_id": delivery.pk}))
-    return {"id": str(delivery.pk), "state": delivery.state, "status_url": url}
+    accepted = {"id": str(delivery.pk), "state": delivery.state, "status_url": url}
+    if delivery.trace_id:
+        accepted["trace_id"] = delivery.trace_id
+    return accepted
 
 
 # ---- sequences -----------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from cloudevents.core.v1.event import CloudEvent
 from django.test import Client
 from rest_framework.test import APIClient
 
-from functions.models import Delivery, Trigger
+from functions.models import Delivery, Invocation, Trigger
 from functions.services_triggers import sequence_create, sequence_start, trigger_create, trigger_update
 from functions.triggers import cron
 from portal.errors import ValidationFailed
@@ -216,6 +216,25 @@ def test_sequence_passes_each_output_to_the_next_step(engine, deploy, members, t
     assert json.loads(bytes(last.result_body)) == {"n": 14}  # (3·2 + 1)·2
     steps = list(Delivery.objects.filter(run_id=first.run_id).order_by("step").values_list("step", "source"))
     assert steps == [(0, "sequence"), (1, "sequence"), (2, "sequence")]
+
+    # The run is one trace: each step's invocation continues the traceparent the run started with,
+    # and the tenant's trace page shows the steps of both functions together.
+    trace_id = started.json()["trace_id"]
+    assert len(trace_id) == 32
+    invocation_ids = list(Delivery.objects.filter(run_id=first.run_id).values_list("invocation_id", flat=True))
+    engine.records.flush()
+    traced = wait_for(lambda: list(Invocation.objects.filter(pk__in=invocation_ids).values_list("trace_id", flat=True))
+                      if Invocation.objects.filter(pk__in=invocation_ids).count() == 3 else None)
+    assert traced == [trace_id] * 3
+    from observability.models import Span
+
+    assert wait_for(lambda: Span.objects.filter(trace_id=trace_id, kind=Span.Kind.GATEWAY).count() == 3)
+    page = Client()
+    page.force_login(members["developer"])
+    shown = page.get(f"/t/acme/traces/{trace_id}/")
+    assert shown.status_code == 200
+    html = shown.content.decode()
+    assert "sequence double" in html and "sequence increment" in html
     assert client.post("/api/v1/tenants/acme/sequences/", {"name": "bad", "functions": ["nope"]},
                        format="json").status_code == 400
 

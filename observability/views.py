@@ -56,7 +56,7 @@ def function_logs(request, function):
         request, function, "logs", form=form, page=page, filtered=bool(request.GET.dict().keys() - {"page"}),
         querystring=params.urlencode(),
         # The live tail is the IDE's: same consumer, same "logs" action.
-        ws_path=f"/ws/ide/{function.tenant.slug}/{function.name}/"))
+        ws_path=f"/ws/ide/{function.tenant.slug}/{function.name}/?presence=0"))
 
 
 def _waterfall(spans) -> tuple[list[dict], float]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
@@ -61,6 +62,7 @@ class IdeConsumer(AsyncJsonWebsocketConsumer):
     presence: Presence | None = None
     tail_task: asyncio.Task | None = None
     heartbeat_task: asyncio.Task | None = None
+    listed = True  # an editor in the presence list (a log watcher is not)
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -83,11 +85,15 @@ class IdeConsumer(AsyncJsonWebsocketConsumer):
         self.log_filter = {"text": "", "level": ""}
         self.log_after = 0
         self.presence = Presence(self.channel_name, user.get_username())
+        # ?presence=0: a watcher (the function page's live log tail), not an editor — it neither
+        # appears in nor follows the "who else is here" list.
+        self.listed = parse_qs(self.scope.get("query_string", b"").decode("latin-1")).get("presence") != ["0"]
         await self.channel_layer.group_add(self.group, self.channel_name)
         await self.accept()
-        await self.channel_layer.group_send(self.group, {
-            "type": "presence.join", "channel": self.channel_name, "user": self.presence.username})
-        self.heartbeat_task = asyncio.create_task(self.heartbeat())
+        if self.listed:
+            await self.channel_layer.group_send(self.group, {
+                "type": "presence.join", "channel": self.channel_name, "user": self.presence.username})
+            self.heartbeat_task = asyncio.create_task(self.heartbeat())
 
     async def disconnect(self, code):
         if self.tail_task is not None:
@@ -96,7 +102,8 @@ class IdeConsumer(AsyncJsonWebsocketConsumer):
             self.heartbeat_task.cancel()
         if self.function_id is None:
             return
-        await self.channel_layer.group_send(self.group, {"type": "presence.leave", "channel": self.channel_name})
+        if self.listed:
+            await self.channel_layer.group_send(self.group, {"type": "presence.leave", "channel": self.channel_name})
         await self.channel_layer.group_discard(self.group, self.channel_name)
 
     # ---- group messages -------------------------------------------------------------------------
@@ -108,17 +115,19 @@ class IdeConsumer(AsyncJsonWebsocketConsumer):
         await self.send_json({"type": "event", "event": event})
 
     async def presence_join(self, message):
+        if not self.listed:
+            return
         if self.presence.join(message["channel"], message["user"]):
             await self.channel_layer.send(message["channel"], {
                 "type": "presence.here", "channel": self.channel_name, "user": self.presence.username})
         await self.send_presence()
 
     async def presence_here(self, message):
-        if self.presence.join(message["channel"], message["user"]):
+        if self.listed and self.presence.join(message["channel"], message["user"]):
             await self.send_presence()
 
     async def presence_beat(self, message):
-        if self.presence.join(message["channel"], message["user"]):
+        if self.listed and self.presence.join(message["channel"], message["user"]):
             await self.send_presence()
 
     async def heartbeat(self):
@@ -137,7 +146,7 @@ class IdeConsumer(AsyncJsonWebsocketConsumer):
                 log.warning("IDE presence heartbeat failed", exc_info=True)
 
     async def presence_leave(self, message):
-        if self.presence.leave(message["channel"]):
+        if self.listed and self.presence.leave(message["channel"]):
             await self.send_presence()
 
     async def send_presence(self):

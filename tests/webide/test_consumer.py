@@ -393,3 +393,21 @@ async def test_an_editor_whose_process_died_leaves_the_presence_list(function, c
         gone = await ide.expect(lambda m: m["type"] == "presence" and len(m["users"]) == 2)
         assert {u["user"] for u in gone["users"]} == {"acme-admin", "acme-developer"}
         await other.ask("open", "opened")
+
+
+async def test_a_log_watcher_is_not_listed_as_an_editor(function, cookies):
+    """The function page's live tail connects with ?presence=0: it tails logs but nobody sees it."""
+    async with ide_session(cookies["developer"]) as editor:
+        alone = await editor.expect_type("presence")
+        assert [u["user"] for u in alone["users"]] == ["acme-developer"]
+        async with ide_session(cookies["admin"], "/ws/ide/acme/hello/?presence=0") as watcher:
+            subscribed = await watcher.ask("logs", "logs", op="subscribe", text="", level="")
+            assert subscribed["type"] == "logs"
+            # The editor opens a second tab: its presence answers list one user, never the watcher.
+            async with ide_session(cookies["developer"]) as second:
+                both = await second.expect(lambda m: m["type"] == "presence" and m["users"][0]["editors"] == 2)
+                assert [u["user"] for u in both["users"]] == ["acme-developer"]
+            seen = list(watcher.backlog)
+            while not await watcher.communicator.receive_nothing(timeout=0.5):
+                seen.append(await watcher.communicator.receive_json_from())
+            assert not [m for m in seen if m["type"] == "presence"]

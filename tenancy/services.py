@@ -40,9 +40,9 @@ def audit_record(*, actor, action: str, tenant: Tenant | None = None, target=Non
     )
 
 
-def full_clean_or_raise(obj, exclude=None) -> None:
+def full_clean_or_raise(obj, exclude=None, *, validate_unique: bool = True) -> None:
     try:
-        obj.full_clean(exclude=exclude)
+        obj.full_clean(exclude=exclude, validate_unique=validate_unique)
     except ValidationError as exc:
         errors = exc.message_dict
         first_field, messages = next(iter(errors.items()))
@@ -68,7 +68,8 @@ def tenant_create(*, acting_user, slug: str, name: str, isolation: str = Tenant.
     if not acting_user.is_superuser and not getattr(settings, "NIMBUS_SELF_SERVICE_TENANTS", True):
         raise PermissionDenied("Only platform operators can create tenants.")
     tenant = Tenant(slug=slug, name=name or slug, isolation=isolation)
-    full_clean_or_raise(tenant)
+    # A taken slug is a conflict (409), found by the insert below rather than as a field error.
+    full_clean_or_raise(tenant, validate_unique=False)
     with transaction.atomic():
         try:
             tenant.save()

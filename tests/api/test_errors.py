@@ -100,11 +100,11 @@ def test_duplicate_function_is_409_conflict(client_for, members, function):
                                "field": "name"}
 
 
-def test_taken_tenant_slug_is_refused_on_the_field(client_for, members, tenant):
+def test_taken_tenant_slug_is_409_conflict_on_the_field(client_for, members, tenant):
     response = client_for(members["viewer"]).post("/api/v1/tenants/", {"slug": "acme"}, format="json")
-    assert response.status_code == 400
-    assert response.json() == {"code": "invalid", "detail": "slug: Tenant with this Slug already exists.",
-                               "field": "slug", "errors": {"slug": ["Tenant with this Slug already exists."]}}
+    assert response.status_code == 409
+    assert response.json() == {"code": "conflict", "detail": "A tenant named 'acme' already exists.",
+                               "field": "slug"}
 
 
 def test_function_count_quota_is_403_quota_exceeded(client_for, members, function, operator, tenant):

@@ -41,11 +41,14 @@ setup: venv assets
 migrate: setup
 	DEBUG=1 $(PY) manage.py migrate --noinput
 
+# Invoke URLs shown in the portal follow HOST and PORT unless NIMBUS_PUBLIC_URL says otherwise.
+PUBLIC_URL = $${NIMBUS_PUBLIC_URL:-http://$(HOST):$(PORT)}
+
 demo: migrate
-	DEBUG=1 $(PY) manage.py nimbus_demo
+	DEBUG=1 NIMBUS_PUBLIC_URL=$(PUBLIC_URL) $(PY) manage.py nimbus_demo
 
 serve:
-	DEBUG=1 $(VENV)/bin/daphne -b $(HOST) -p $(PORT) portal.asgi:application
+	DEBUG=1 NIMBUS_PUBLIC_URL=$(PUBLIC_URL) $(VENV)/bin/daphne -b $(HOST) -p $(PORT) portal.asgi:application
 
 run: demo serve
 

@@ -164,3 +164,35 @@ def sequence_for_tenant(user, tenant, name: str):
     if sequence is None:
         raise NotFound(f"There is no sequence '{name}'.")
     return sequence
+
+
+def sequence_runs(sequence):
+    """One row per run of the sequence, ``{"run_id", "started"}``, newest first (paginate it, then
+    read the runs' steps with ``deliveries_of_runs``)."""
+    from django.db.models import Min
+
+    from functions.models import Delivery
+
+    return (Delivery.objects.filter(sequence=sequence, run_id__isnull=False).values("run_id")
+            .annotate(started=Min("created_at")).order_by("-started", "run_id"))
+
+
+def sequences_last_run_ids(sequences) -> dict[int, object]:
+    """{sequence id: run id of its newest run} for a page of sequences, in one query."""
+    from django.db.models import Min, OuterRef, Subquery
+
+    from functions.models import Delivery, Sequence
+
+    newest = (Delivery.objects.filter(sequence=OuterRef("pk"), run_id__isnull=False).values("run_id")
+              .annotate(started=Min("created_at")).order_by("-started").values("run_id")[:1])
+    ids = [s.pk for s in sequences]
+    return {pk: run_id for pk, run_id in Sequence.objects.filter(pk__in=ids).annotate(last_run=Subquery(newest))
+            .values_list("pk", "last_run") if run_id}
+
+
+def deliveries_of_runs(tenant, run_ids):
+    """The deliveries (one per step reached) of these sequence runs of the tenant, by run and step."""
+    from functions.models import Delivery
+
+    return (Delivery.objects.filter(function__tenant=tenant, run_id__in=list(run_ids))
+            .select_related("function").defer("body", "result_body").order_by("run_id", "step"))

@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from functions import views, views_triggers
+from functions import views, views_sequences, views_triggers
 from functions.triggers.ingress import events_ingress
 
 F = "t/<slug:tenant>/f/<slug:function>/"
@@ -11,6 +11,10 @@ urlpatterns = [
     path("events/<slug:tenant>/", events_ingress, name="events_ingress"),
     path("t/<slug:tenant>/", views.function_list, name="tenant_functions"),
     path("t/<slug:tenant>/starters/", views.starter_options, name="function_starter_options"),
+    path("t/<slug:tenant>/sequences/", views_sequences.sequence_list, name="tenant_sequences"),
+    path("t/<slug:tenant>/sequences/<slug:name>/", views_sequences.sequence_detail, name="tenant_sequence"),
+    path("t/<slug:tenant>/sequences/<slug:name>/delete/", views_sequences.sequence_delete_view,
+         name="tenant_sequence_delete"),
     path(F, views.function_detail, name="function_detail"),
     path(F + "state/", views.function_state, name="function_state"),
     path(F + "config/", views.function_config, name="function_config"),

@@ -31,15 +31,12 @@ def _require(user, function: Function, action: str) -> None:
 
 def _sync_engine(function_id: int) -> None:
     """Tell the engine about the function's triggers (Knative turns them into Eventing objects)."""
-    engine = get_engine()
-    sync = getattr(engine, "sync_triggers", None)
-    if sync is None:
-        return
     from functions.services import function_ref
 
     try:
         function = Function.objects.select_related("tenant").get(pk=function_id)
-        sync(function_ref(function), trigger_specs(function), policy=queue.policy_for(function_id))
+        get_engine().sync_triggers(function_ref(function), trigger_specs(function),
+                                   policy=queue.policy_for(function_id))
     except Function.DoesNotExist:
         return
     except Exception:  # noqa: BLE001 - the database is the record; the engine is reconciled on the next change
@@ -48,12 +45,9 @@ def _sync_engine(function_id: int) -> None:
 
 def _sync_sequence(tenant: str, name: str, functions: list[str] | None, first_function_id: int | None) -> None:
     """Knative runs a sequence as a flows Sequence (with the first step's retry policy)."""
-    sync = getattr(get_engine(), "sync_sequence", None)
-    if sync is None:
-        return
     try:
         policy = queue.policy_for(first_function_id) if first_function_id else None
-        sync(tenant, name, functions, policy=policy)
+        get_engine().sync_sequence(tenant, name, functions, policy=policy)
     except Exception:  # noqa: BLE001 - the database is the record; reconciled on the next change
         log.exception("syncing sequence %s/%s failed", tenant, name)
 

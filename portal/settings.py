@@ -256,6 +256,11 @@ NIMBUS_KNATIVE = {
     "WAIT_READY": env_bool("NIMBUS_KNATIVE_WAIT_READY", True),
     "CODE_DIR": os.environ.get("NIMBUS_CODE_DIR", "/var/nimbus/code"),
     "SCALE_TO_ZERO_RETENTION": os.environ.get("NIMBUS_SCALE_TO_ZERO_RETENTION", "0s"),
+    # Where the portal (gateway /fn/, async calls, events, sequences) reaches a function's Service:
+    # {service} is the Service name ("<tag>-<service>" for a tagged call), {namespace} the tenant's.
+    "INTERNAL_URL": os.environ.get("NIMBUS_KNATIVE_INTERNAL_URL", "http://{service}.{namespace}.svc.cluster.local"),
+    # Seconds the portal waits beyond a function's timeout (Knative times the request out first).
+    "INVOKE_TIMEOUT_MARGIN": float(os.environ.get("NIMBUS_KNATIVE_INVOKE_TIMEOUT_MARGIN", "5")),
 }
 
 # Observability (observability/): the operators' tools the Monitor tab embeds when set, the

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from django.conf import settings
 
-from functions.engines.base import DeployEvent, FunctionStatus
+from functions.engines.base import DeployEvent, FunctionStatus, InvokeResult
 from portal.errors import EngineError
 
 
@@ -19,7 +19,8 @@ def _routes(traffic) -> list[tuple[int, int, str]]:
 
 
 class RecordingEngine:
-    """Records what the services ask of the engine.
+    """Records what the services ask of the engine (trigger and sequence syncs in ``synced``, calls
+    through ``invoke`` in ``invoked``; neither in ``calls``).
 
     ``steps`` are reported before a deploy can fail, ``after`` once it did not; ``fail_deploy`` (a
     message) makes deploys fail after ``steps``; ``ready`` is what ``status()`` says.
@@ -34,6 +35,9 @@ class RecordingEngine:
         self.after = list(after)
         self.ready = ready
         self.fail_deploy: str | None = None
+        self.runs_cron = False
+        self.synced: list[tuple] = []
+        self.invoked: list[tuple] = []
 
     def ensure_tenant(self, tenant):
         self.calls.append(("ensure_tenant", tenant.slug))
@@ -63,6 +67,18 @@ class RecordingEngine:
 
     def logs(self, function, **kwargs):
         return iter(())
+
+    async def invoke(self, *, tenant, name, tag="", method="POST", path="/", headers=None, body=b"",
+                     trigger="async", invocation_id=None):
+        # Nothing runs behind the double: the call is recorded and the function is unavailable.
+        self.invoked.append((tenant, name, tag, method, path, trigger))
+        return InvokeResult(404, outcome="unavailable", error="the recording engine runs nothing")
+
+    def sync_triggers(self, function, triggers, *, policy=None):
+        self.synced.append(("sync_triggers", function.name, [t["name"] for t in triggers]))
+
+    def sync_sequence(self, tenant, name, functions, *, policy=None):
+        self.synced.append(("sync_sequence", name, functions))
 
     def named(self, method: str) -> list[tuple]:
         return [call for call in self.calls if call[0] == method]

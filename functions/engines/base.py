@@ -7,6 +7,7 @@ and call the engine after their transaction commits.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -107,12 +108,35 @@ class LogLine:
     instance: str | None = None
 
 
+@dataclass
+class InvokeResult:
+    """What one call through ``Engine.invoke`` gave: the function's answer and how it went."""
+
+    status: int
+    body: bytes = b""
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    invocation_id: str = ""
+    # success | error | timeout | crashed | rejected | unavailable (the Invocation statuses, plus
+    # "unavailable" when nothing routes to the function, which records no invocation)
+    outcome: str = "success"
+    error: str = ""
+
+    @property
+    def retryable(self) -> bool:
+        """Whether another attempt may succeed: the platform or the handler failed, or the function
+        was busy; a handler's own 4xx answer is its result."""
+        return self.outcome != "success" or self.status >= 500 or self.status in (408, 429)
+
+
 ProgressCallback = Callable[[DeployEvent], None]
 
 
 @runtime_checkable
 class Engine(Protocol):
     name: str
+    # Whether the engine fires cron triggers itself (Knative: PingSources in the cluster). When it
+    # does, the portal's delivery worker leaves them alone, so a schedule runs once per slot.
+    runs_cron: bool
 
     def ensure_tenant(self, tenant: TenantSpec) -> None:
         """Create or update what the tenant needs (a namespace and quota on Knative)."""
@@ -136,3 +160,21 @@ class Engine(Protocol):
     def logs(self, function: FunctionRef, *, revision: int | None = None, since: datetime | None = None,
              follow: bool = False, limit: int = 500) -> Iterator[LogLine]:
         ...
+
+    async def invoke(self, *, tenant: str, name: str, tag: str = "", method: str = "POST", path: str = "/",
+                     headers: list[tuple[str, str]] | None = None, body: bytes = b"", trigger: str = "async",
+                     invocation_id: uuid.UUID | None = None) -> InvokeResult:
+        """One call of ``tenant/name`` (the ``tag``ged revision, or the routed traffic split) from the
+        platform itself: the delivery queue's async calls, CloudEvents, cron runs and sequence steps.
+        Leaves an invocation record with ``trigger``; a function that does not answer is an outcome
+        of the result, not an exception."""
+        ...
+
+    def sync_triggers(self, function: FunctionRef, triggers: list[dict], *, policy=None) -> None:
+        """Make the engine's own trigger objects match the function's enabled ``triggers`` (plain
+        dicts: name, kind, schedule, time_zone, filters), with ``policy``'s retries. Engines whose
+        triggers the portal's worker runs from the database do nothing."""
+
+    def sync_sequence(self, tenant: str, name: str, functions: list[str] | None, *, policy=None) -> None:
+        """Make the engine's object for a sequence of ``functions`` (names, in order), or remove it
+        when ``functions`` is None. A no-op where the portal's worker runs sequences."""

@@ -1,6 +1,7 @@
-"""The delivery worker: fires due cron triggers, claims deliveries with a lease, invokes each
-through the local engine, settles it (result, retry with backoff, dead letter), moves sequences
-on to their next step and posts results to callback URLs.
+"""The delivery worker: fires due cron triggers (unless the engine runs them itself), claims
+deliveries with a lease, invokes each through the engine (``Engine.invoke``), settles it (result,
+retry with backoff, dead letter), moves sequences on to their next step and posts results to
+callback URLs.
 
 One thread with its own event loop; database work runs on a small thread pool. It runs inside
 the portal process (``start_in_process``, from the ASGI entry point) and as
@@ -153,7 +154,8 @@ class Worker:
         renewer = asyncio.create_task(self._renew_leases())
         try:
             while not self.stopping.is_set():
-                if self.cron_enabled:
+                # An engine that fires cron triggers itself (Knative's PingSources) owns them.
+                if self.cron_enabled and not self.engine.runs_cron:
                     try:
                         await self._db(cron.fire_due)
                     except Exception:  # noqa: BLE001 - the database may be briefly unavailable
@@ -216,8 +218,6 @@ class Worker:
         return policy
 
     async def _deliver(self, delivery: Delivery) -> None:
-        from functions.engines.local.invoke import invoke
-
         policy = await self._policy(delivery.function_id)
         age = (timezone.now() - delivery.created_at).total_seconds()
         if age > policy.max_event_age_seconds:
@@ -225,10 +225,10 @@ class Worker:
                 await self._after_final(delivery)
             return
         function = delivery.function
-        result = await invoke(self.engine, tenant=function.tenant.slug, name=function.name, tag=delivery.tag,
-                              method=delivery.method, path=delivery.path,
-                              headers=[tuple(h) for h in delivery.headers], body=bytes(delivery.body),
-                              trigger=delivery.source)
+        result = await self.engine.invoke(tenant=function.tenant.slug, name=function.name, tag=delivery.tag,
+                                          method=delivery.method, path=delivery.path,
+                                          headers=[tuple(h) for h in delivery.headers], body=bytes(delivery.body),
+                                          trigger=delivery.source)
         if result.retryable:
             error = result.error or f"the function answered {result.status}"
             state = await self._db(queue.fail, delivery, self.worker_id, error=error, policy=policy,

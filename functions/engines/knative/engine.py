@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import re
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -22,6 +23,7 @@ from functions.engines.base import (
     DeployEvent,
     FunctionRef,
     FunctionStatus,
+    InvokeResult,
     LogLine,
     ProgressCallback,
     RevisionSpec,
@@ -31,7 +33,9 @@ from functions.engines.base import (
 )
 from portal.errors import Conflict, EngineError
 
-from . import manifests, names
+from functions.engines.local.records import RecordsWriter
+
+from . import invoke, manifests, names
 from .client import KubeClient
 
 log = logging.getLogger(__name__)
@@ -92,6 +96,7 @@ def parse_log_line(line: str, *, revision: int | None, instance: str) -> LogLine
 
 class KnativeEngine:
     name = "knative"
+    runs_cron = True  # cron triggers are PingSources: the cluster fires them, not the portal's worker
 
     def __init__(self, *, client: KubeClient | None = None, values: dict | None = None):
         self.values = dict(values if values is not None else settings.NIMBUS_KNATIVE)
@@ -99,6 +104,40 @@ class KnativeEngine:
         self._client = client
         self.deploy_timeout = float(self.values.get("DEPLOY_TIMEOUT", 300))
         self.wait_ready = bool(self.values.get("WAIT_READY", True))
+        # Calls from the portal (gateway, delivery queue): see invoke.py.
+        self.routes = invoke.KnativeRouteTable()
+        self.timeout_margin = float(self.values.get("INVOKE_TIMEOUT_MARGIN", invoke.DEFAULT_TIMEOUT_MARGIN))
+        self.max_body_bytes = int(self.values.get("MAX_BODY_BYTES") or settings.NIMBUS_LOCAL["MAX_BODY_BYTES"])
+        self.service_client = invoke.ServiceClient()
+        self._records: RecordsWriter | None = None
+        self._records_lock = threading.Lock()
+
+    @property
+    def records(self) -> RecordsWriter:
+        """The invocation records writer, made on the first call through the portal."""
+        if self._records is None:
+            with self._records_lock:
+                if self._records is None:
+                    self._records = RecordsWriter(settings.NIMBUS_LOCAL.get("RETENTION"))
+        return self._records
+
+    def shutdown(self) -> None:
+        """Close the connections to the Services and write the pending invocation records."""
+        self.service_client.close()
+        if self._records is not None:
+            self._records.stop()
+
+    # ---- calls through the portal ------------------------------------------------------------------
+
+    async def invoke(self, *, tenant: str, name: str, tag: str = "", method: str = "POST", path: str = "/",
+                     headers: list[tuple[str, str]] | None = None, body: bytes = b"", trigger: str = "async",
+                     invocation_id=None) -> InvokeResult:
+        return await invoke.invoke(self, tenant=tenant, name=name, tag=tag, method=method, path=path,
+                                   headers=headers, body=body, trigger=trigger, invocation_id=invocation_id)
+
+    async def respond(self, scope, send, route, target, tag, sub_path, headers, body) -> None:
+        """The gateway's call of an authorised /fn/ request (functions/engines/local/gateway.py)."""
+        await invoke.respond(self, scope, send, route, target, tag, sub_path, headers, body)
 
     @property
     def client(self) -> KubeClient:
@@ -142,6 +181,8 @@ class KnativeEngine:
         progress(DeployEvent("traffic", "ok", "Traffic: " + ", ".join(
             f"{t['revisionName']} {t['percent']}%" + (f" (tag {t['tag']})" if t.get("tag") else "")
             for t in targets) + "."))
+        # The database shows the new traffic a moment after this returns: look again often until then.
+        self.routes.invalidate(eager_seconds=10)
 
     def _await_revision(self, namespace: str, service_name: str, revision_name: str,
                         progress: ProgressCallback) -> None:
@@ -201,6 +242,7 @@ class KnativeEngine:
             service["spec"]["traffic"] = targets
 
         self._update_service(function, change)
+        self.routes.invalidate()
 
     def set_offline(self, function: FunctionRef, offline: bool) -> None:
         def change(service: dict) -> None:
@@ -214,12 +256,14 @@ class KnativeEngine:
                 annotations.pop(manifests.OFFLINE_ANNOTATION, None)
 
         self._update_service(function, change)
+        self.routes.invalidate()
 
     def delete(self, function: FunctionRef) -> None:
         namespace = self.namespace(function.tenant)
         self.client.delete_custom(*SERVICE, namespace, names.service(function.name))
         self.client.delete_labelled(namespace, f"{names.LABEL_MANAGED_BY}=nimbus,"
                                                f"{names.LABEL_FUNCTION_ID}={function.function_id}")
+        self.routes.invalidate()
 
     # ---- status and logs ---------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from functions.engines.base import (
     DeployEvent,
     FunctionRef,
     FunctionStatus,
+    InvokeResult,
     LogLine,
     ProgressCallback,
     RevisionSpec,
@@ -61,6 +62,7 @@ atexit.register(stop_all_engines)
 
 class LocalEngine:
     name = "local"
+    runs_cron = False  # the portal's delivery worker fires cron triggers from the database
 
     def __init__(self, *, idle_seconds: float | None = None, queue_limit: int | None = None,
                  sandbox_mode: str | None = None, zygote: bool = True, route_ttl: float = 3.0, **overrides):
@@ -194,6 +196,20 @@ class LocalEngine:
         shutil.rmtree(self.code_root / function.tenant / function.name, ignore_errors=True)
         self.log_buffers.pop(self._log_key(function.function_id), None)
         self.routes.invalidate()
+
+    async def invoke(self, *, tenant: str, name: str, tag: str = "", method: str = "POST", path: str = "/",
+                     headers: list[tuple[str, str]] | None = None, body: bytes = b"", trigger: str = "async",
+                     invocation_id=None) -> InvokeResult:
+        from functions.engines.local.invoke import invoke
+
+        return await invoke(self, tenant=tenant, name=name, tag=tag, method=method, path=path, headers=headers,
+                            body=body, trigger=trigger, invocation_id=invocation_id)
+
+    def sync_triggers(self, function: FunctionRef, triggers: list[dict], *, policy=None) -> None:
+        """Nothing to do: the delivery worker reads cron and event triggers from the database."""
+
+    def sync_sequence(self, tenant: str, name: str, functions: list[str] | None, *, policy=None) -> None:
+        """Nothing to do: the delivery worker runs sequences from the database."""
 
     def status(self, function: FunctionRef) -> FunctionStatus:
         self.routes.refresh(force=True)

@@ -1,4 +1,5 @@
-"""The local gateway: ``/fn/<tenant>/<function>[@tag]/<path>`` → an instance of the routed revision.
+"""The local gateway: ``/fn/<tenant>/<function>[@tag]/<path>`` → an instance of the routed revision
+(on the Knative engine, after the same routing and auth, → the function's Knative Service).
 
 A lean ASGI app (no Django middleware, sessions or per-request queries beyond the cached route
 table and a briefly cached token check), which records every invocation off the request path.
@@ -161,6 +162,10 @@ async def gateway_app(scope, receive, send):
         return
     if _wants_async(headers):
         await _accept_async(send, scope, route, tag, sub_path, headers, body)
+        return
+    if engine.name == "knative":
+        # Same routes, auth, limits and async hand-off; the call goes to the function's Knative Service.
+        await engine.respond(scope, send, route, target, tag, sub_path, headers, body)
         return
     await _invoke(engine, scope, send, route, target, tag, sub_path, headers, body)
 
@@ -347,5 +352,6 @@ async def _attempt(engine, send, route, target, pool, headers, body, scope, sub_
     finish("error" if error_kind else "success", status, instance=inst.id, cold=cold, init_ms=init_ms,
            queue_ms=queue_ms, duration_ms=duration, error=error)
     response_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in out_headers
-                        if k.lower().encode("latin-1") not in HOP_HEADERS and k.lower() != "x-nimbus-invocation-id"]
+                        if k.lower().encode("latin-1") not in HOP_HEADERS
+                        and k.lower() not in ("x-nimbus-invocation-id", "x-nimbus-revision")]
     await _respond(send, status, out_body, response_headers + nimbus_headers(cold))

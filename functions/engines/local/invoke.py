@@ -8,31 +8,15 @@ import asyncio
 import contextlib
 import time
 import uuid
-from dataclasses import dataclass, field
 from datetime import datetime, timezone as dt_timezone
 
+from functions.engines.base import InvokeResult
 from functions.engines.local import client
 from functions.engines.local.gateway import EXIT_REASON_WAIT, HOP_HEADERS, _random, _trace
 from functions.engines.local.instances import InstanceFailed, PoolClosed, Saturated
 from functions.engines.local.routes import with_own_connection
 
-
-@dataclass
-class InvokeResult:
-    status: int
-    body: bytes = b""
-    headers: list[tuple[str, str]] = field(default_factory=list)
-    invocation_id: str = ""
-    # success | error | timeout | crashed | rejected | unavailable (the Invocation statuses, plus
-    # "unavailable" when nothing routes to the function, which records no invocation)
-    outcome: str = "success"
-    error: str = ""
-
-    @property
-    def retryable(self) -> bool:
-        """Whether another attempt may succeed: the platform or the handler failed, or the function
-        was busy; a handler's own 4xx answer is its result."""
-        return self.outcome != "success" or self.status >= 500 or self.status in (408, 429)
+__all__ = ["InvokeResult", "invoke"]  # InvokeResult lives in engines/base.py; imported from here too
 
 
 async def invoke(engine, *, tenant: str, name: str, tag: str = "", method: str = "POST", path: str = "/",

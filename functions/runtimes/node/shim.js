@@ -178,6 +178,8 @@ async function invoke(req, body) {
                               Buffer.from(JSON.stringify(payload))];
   }
   headers["X-Nimbus-Invocation-Id"] = invocationId;
+  // Which revision answered: behind Knative's traffic split only the instance knows.
+  if (env.NIMBUS_REVISION) headers["X-Nimbus-Revision"] = env.NIMBUS_REVISION;
   headers["traceparent"] = `00-${traceId}-${spanId}-01`;
   if (spans.length) {
     emit("INFO", `${spans.length} span(s) recorded`, { spans });

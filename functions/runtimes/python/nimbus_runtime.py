@@ -439,6 +439,9 @@ class Server:
             status, out_headers, out_body, error = await self.runtime.invoke(event, context)
             out_headers = list(out_headers)
             out_headers.append(("X-Nimbus-Invocation-Id", invocation_id))
+            if context.revision:
+                # Which revision answered: behind Knative's traffic split only the instance knows.
+                out_headers.append(("X-Nimbus-Revision", context.revision))
             out_headers.append(("traceparent", f"00-{trace_id}-{context.span_id}-01"))
             if context.spans:
                 spans = json.dumps(context.spans, default=str)

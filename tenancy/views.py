@@ -204,10 +204,10 @@ def quota(request, tenant):
     per_function = [
         ("Memory per function", limits.max_memory_mb_per_function, "MB"),
         ("Instances per function", limits.max_instances_per_function, ""),
-        ("Concurrent invocations", limits.max_concurrent_invocations, ""),
     ]
     return render(request, "tenancy/quota.html", tenant_context(
-        request.user, tenant, "quota", usage=rows, per_function=per_function))
+        request.user, tenant, "quota", usage=rows, per_function=per_function,
+        max_concurrent=limits.max_concurrent_invocations))
 
 
 # ---- audit ---------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import aiohttp
 import yarl
 
 from functions.engines.base import InvokeResult
+from functions.engines.concurrency import refusal, tenant_slots
 from functions.engines.local.gateway import (
     HOP_HEADERS,
     PREFIX,
@@ -78,7 +79,7 @@ class KnativeRouteTable(RouteTable):
             result[key] = KnativeRoute(
                 function_id=route.function_id, tenant=route.tenant, tenant_id=route.tenant_id, name=route.name,
                 invoke_auth=route.invoke_auth, offline=route.offline, memory_mb=route.memory_mb,
-                targets=route.targets,
+                targets=route.targets, max_concurrent=route.max_concurrent,
                 timeout_seconds=max((timeouts[t.revision] for t in route.targets if t.percent > 0), default=30),
                 tag_timeouts={t.tag: timeouts[t.revision] for t in route.targets if t.tag},
                 revision_ids={number: revision_id for number, (revision_id, _) in known.items()})
@@ -270,9 +271,14 @@ async def invoke(engine, *, tenant: str, name: str, tag: str = "", method: str =
     headers = [(str(k), str(v)) for k, v in (headers or [])]
     raw = [(k.lower().encode("latin-1"), v.encode("latin-1", "replace")) for k, v in headers]
     forward = [(k, v) for k, v in headers if k.lower() != "authorization"]
-    answer, invocation_id, _ = await call(engine, route, target, tag or None, method=method, path=path or "/",
-                                          headers=forward, body=body, trigger=trigger, raw_headers=raw,
-                                          invocation_id=invocation_id)
+    if not tenant_slots.take(route.tenant_id, route.max_concurrent):
+        return InvokeResult(429, outcome="rejected", error=refusal(route.tenant, route.max_concurrent))
+    try:
+        answer, invocation_id, _ = await call(engine, route, target, tag or None, method=method, path=path or "/",
+                                              headers=forward, body=body, trigger=trigger, raw_headers=raw,
+                                              invocation_id=invocation_id)
+    finally:
+        tenant_slots.give_back(route.tenant_id)
     out_headers = [(k, v) for k, v in answer.headers if k.lower() not in HOP]
     return InvokeResult(answer.status, answer.body, out_headers, str(invocation_id), answer.outcome, answer.error)
 

@@ -16,6 +16,7 @@ import time
 import uuid
 from datetime import datetime, timezone as dt_timezone
 
+from functions.engines.concurrency import refusal, tenant_slots
 from functions.engines.local import client
 from functions.engines.local.instances import InstanceFailed, PoolClosed, Saturated
 from functions.engines.local.routes import with_own_connection
@@ -163,11 +164,18 @@ async def gateway_app(scope, receive, send):
     if _wants_async(headers):
         await _accept_async(send, scope, route, tag, sub_path, headers, body)
         return
-    if engine.name == "knative":
-        # Same routes, auth, limits and async hand-off; the call goes to the function's Knative Service.
-        await engine.respond(scope, send, route, target, tag, sub_path, headers, body)
+    if not tenant_slots.take(route.tenant_id, route.max_concurrent):
+        await _respond(send, 429, _problem("tenant_concurrency", refusal(route.tenant, route.max_concurrent)),
+                       [(b"retry-after", b"1")])
         return
-    await _invoke(engine, scope, send, route, target, tag, sub_path, headers, body)
+    try:
+        if engine.name == "knative":
+            # Same routes, auth, limits and async hand-off; the call goes to the function's Knative Service.
+            await engine.respond(scope, send, route, target, tag, sub_path, headers, body)
+        else:
+            await _invoke(engine, scope, send, route, target, tag, sub_path, headers, body)
+    finally:
+        tenant_slots.give_back(route.tenant_id)
 
 
 def _wants_async(headers) -> bool:

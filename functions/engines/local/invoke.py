@@ -11,6 +11,7 @@ import uuid
 from datetime import datetime, timezone as dt_timezone
 
 from functions.engines.base import InvokeResult
+from functions.engines.concurrency import refusal, tenant_slots
 from functions.engines.local import client
 from functions.engines.local.gateway import EXIT_REASON_WAIT, HOP_HEADERS, _random, _trace
 from functions.engines.local.instances import InstanceFailed, PoolClosed, Saturated
@@ -30,6 +31,17 @@ async def invoke(engine, *, tenant: str, name: str, tag: str = "", method: str =
     if target is None:
         return InvokeResult(404, outcome="unavailable",
                             error=f"no revision is tagged '{tag}'" if tag else "no revision takes traffic")
+    if not tenant_slots.take(route.tenant_id, route.max_concurrent):
+        return InvokeResult(429, outcome="rejected", error=refusal(route.tenant, route.max_concurrent))
+    try:
+        return await _call(engine, route, target, method=method, path=path, headers=headers, body=body,
+                           trigger=trigger, invocation_id=invocation_id)
+    finally:
+        tenant_slots.give_back(route.tenant_id)
+
+
+async def _call(engine, route, target, *, method: str, path: str, headers, body: bytes, trigger: str,
+                invocation_id: uuid.UUID | None) -> InvokeResult:
     headers = [(str(k), str(v)) for k, v in (headers or [])]
     raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1", "replace")) for k, v in headers]
     invocation_id = invocation_id or uuid.UUID(int=_random.getrandbits(128), version=4)

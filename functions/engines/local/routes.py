@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from django.db import close_old_connections, connections
 
 
+UNLIMITED = 1 << 30  # a tenant without a quota row
+
+
 @dataclass(frozen=True)
 class Target:
     revision: int
@@ -30,6 +33,8 @@ class Route:
     offline: bool
     memory_mb: int
     targets: list[Target] = field(default_factory=list)
+    # The tenant's quota on calls running at once (in this process); see functions/engines/concurrency.py.
+    max_concurrent: int = UNLIMITED
 
     def pick(self, tag: str | None = None, rng=random) -> Target | None:
         """The revision for one request: the tagged one, or a weighted draw by percent."""
@@ -84,16 +89,18 @@ class RouteTable:
                 .filter(revision__status=Revision.Status.READY)
                 .values_list("function_id", "function__name", "function__tenant__slug", "function__tenant_id",
                              "function__tenant__status", "function__invoke_auth", "function__state",
-                             "function__memory_mb", "revision__number", "revision_id", "percent", "tag"))
+                             "function__memory_mb", "revision__number", "revision_id", "percent", "tag",
+                             "function__tenant__quota__max_concurrent_invocations"))
         for (function_id, name, tenant, tenant_id, tenant_status, auth, state, memory, number, revision_id,
-             percent, tag) in rows:
+             percent, tag, max_concurrent) in rows:
             if tenant_status != Tenant.Status.ACTIVE:
                 continue  # a suspended tenant's functions do not answer
             route = routes.get((tenant, name))
             if route is None:
                 route = routes[(tenant, name)] = Route(
                     function_id=function_id, tenant=tenant, tenant_id=tenant_id, name=name, invoke_auth=auth,
-                    offline=state == Function.State.OFFLINE, memory_mb=memory)
+                    offline=state == Function.State.OFFLINE, memory_mb=memory,
+                    max_concurrent=UNLIMITED if max_concurrent is None else max_concurrent)
             route.targets.append(Target(revision=number, revision_id=revision_id, percent=percent, tag=tag))
         return routes
 

@@ -196,3 +196,21 @@ def test_engine_invoke_records_its_trigger(knative, service, deploy_on_knative):
 
     missing = asyncio.run(knative.invoke(tenant="acme", name="nope"))
     assert (missing.status, missing.outcome, missing.retryable) == (404, "unavailable", True)
+
+
+def test_the_tenant_concurrency_quota_holds_on_knative_too(knative, service, deploy_on_knative, portal, tenant):
+    from functions.engines.concurrency import tenant_slots
+
+    deploy_on_knative("hello")
+    tenant.quota.max_concurrent_invocations = 1
+    tenant.quota.save()
+    knative.routes.invalidate()
+    assert tenant_slots.take(tenant.pk, 1)  # another call of the tenant is running
+    try:
+        refused = portal.request("GET", "/fn/acme/hello/")
+        queued = portal.loop.run_until_complete(knative.invoke(tenant="acme", name="hello"))
+    finally:
+        tenant_slots.give_back(tenant.pk)
+    assert refused.status == 429 and refused.json()["code"] == "tenant_concurrency"
+    assert (queued.status, queued.outcome, queued.retryable) == (429, "rejected", True)
+    assert portal.request("GET", "/fn/acme/hello/").status == 200

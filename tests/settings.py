@@ -12,3 +12,9 @@ PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 NIMBUS_DEPLOY_INLINE = True
 STATIC_ROOT = os.path.join(os.environ["NIMBUS_DATA_DIR"], "static")
 os.makedirs(STATIC_ROOT, exist_ok=True)
+
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":  # noqa: F405
+    # A test database in a file, not SQLite's shared-cache memory database: threads (the delivery
+    # worker, the records writer) then wait on each other's locks under WAL and the busy timeout,
+    # where shared-cache table locks fail at once with "database table is locked".
+    DATABASES["default"]["TEST"] = {"NAME": os.path.join(os.environ["NIMBUS_DATA_DIR"], "test.sqlite3")}  # noqa: F405

@@ -190,6 +190,14 @@ def sequences_last_run_ids(sequences) -> dict[int, object]:
             .values_list("pk", "last_run") if run_id}
 
 
+def delivery_results(tenant, delivery_ids) -> dict:
+    """{delivery id: result body} for these deliveries of the tenant (bodies are deferred elsewhere)."""
+    from functions.models import Delivery
+
+    return dict(Delivery.objects.filter(function__tenant=tenant, pk__in=list(delivery_ids))
+                .values_list("pk", "result_body"))
+
+
 def deliveries_of_runs(tenant, run_ids):
     """The deliveries (one per step reached) of these sequence runs of the tenant, by run and step."""
     from functions.models import Delivery

@@ -15,6 +15,7 @@ from functions import services_triggers as services
 from functions.models import Delivery, trigger_name_validator
 from functions.selectors import (
     deliveries_of_runs,
+    delivery_results,
     functions_for_user,
     sequence_for_tenant,
     sequence_runs,
@@ -91,6 +92,7 @@ class Run:
     run_id: object
     started: object
     steps: list = field(default_factory=list)  # [(SequenceStep, Delivery | None)]
+    output: str = ""  # the last step's answer once the run succeeded (pretty JSON when it is JSON)
 
     @property
     def deliveries(self) -> list[Delivery]:
@@ -145,6 +147,25 @@ def _runs(tenant, sequence_steps: dict[int, list], rows: list[dict]) -> list[Run
         started = row.get("started") or min((d.created_at for d in reached.values()), default=None)
         runs.append(Run(run_id=row["run_id"], started=started, steps=steps))
     return runs
+
+
+OUTPUT_CHARS = 4000
+
+
+def _show_output(body) -> str:
+    text = bytes(body or b"").decode("utf-8", "replace")
+    try:
+        text = json.dumps(json.loads(text), indent=2, ensure_ascii=False)
+    except ValueError:
+        pass
+    return text if len(text) <= OUTPUT_CHARS else text[:OUTPUT_CHARS] + "\n… (cut)"
+
+
+def _with_outputs(tenant, runs: list[Run]) -> None:
+    """Give each succeeded run its output, read in one query."""
+    last = {run.steps[-1][1].pk: run for run in runs if run.state == "succeeded"}
+    for pk, body in delivery_results(tenant, last).items():
+        last[pk].output = _show_output(body)
 
 
 def _can_manage(request, tenant) -> bool:
@@ -219,6 +240,7 @@ def sequence_detail(request, tenant, name):
     steps = list(sequence.steps.all())
     page = Paginator(sequence_runs(sequence), RUNS_PAGE_SIZE).get_page(request.GET.get("page"))
     runs = _runs(tenant, {sequence.pk: steps}, [{**row, "sequence_id": sequence.pk} for row in page.object_list])
+    _with_outputs(tenant, runs)
     visible = set(functions_for_user(request.user, tenant=tenant).values_list("pk", flat=True))
     return render(request, "functions/sequence.html", tenant_context(
         request.user, tenant, "sequences", sequence=sequence, steps=steps, page=page, runs=runs,

@@ -203,6 +203,7 @@ def test_runs_are_grouped_newest_first_with_their_steps_and_paginated(sequence, 
     newest = html[html.index(f'id="run-{first.run_id}"'):html.index(f'id="run-{runs[-2].run_id}"')]
     assert ">failed<" in newest and ">succeeded<" in newest and ">dead letter<" in newest
     assert "RuntimeError: boom" in newest and ">500<" in newest
+    assert "<summary>Output</summary>" not in newest  # a failed run has no output to show
     assert ("/t/acme/f/double/logs/?invocation=11111111-2222-3333-4444-555555555555" in newest)
     assert f'href="/t/acme/traces/{first.trace_id}/"' in newest
     older = client.get("/t/acme/sequences/math/?page=2").content.decode()
@@ -270,6 +271,8 @@ def test_a_run_from_the_page_completes_and_links_its_trace(engine, deploy, membe
     run = html[html.index(f'id="run-{first.run_id}"'):]
     assert run.count(">succeeded<") == 4  # the run and its three steps
     assert "not reached" not in run and 'hx-trigger="every 2s"' not in html  # nothing left to follow
+    # The run's output: the last step's answer, pretty-printed.
+    assert '<summary>Output</summary><pre class="mono border rounded p-2 mb-0 mt-1 run-output">{\n  &quot;n&quot;: 14\n}</pre>' in run
     for delivery in Delivery.objects.filter(run_id=first.run_id):
         assert f"/logs/?invocation={delivery.invocation_id}" in run
     trace_url = f"/t/acme/traces/{first.trace_id}/"

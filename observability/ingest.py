@@ -162,7 +162,9 @@ def spans_for(row, tenant_id: int, trace: dict, function_name: str = "") -> list
                               kind=Span.Kind.COLD_START,
                               start=start + timedelta(milliseconds=row.queue_ms - init_ms), duration_ms=init_ms,
                               attributes={"instance": row.instance}))
-    if row.instance:
+    # The handler ran on an instance; on Knative the portal cannot name the pod, but the shim's
+    # traceparent (handler_span) says the handler ran.
+    if row.instance or trace.get("handler_span"):
         handler_id = _span_id(trace.get("handler_span", ""))
         handler_start = start + timedelta(milliseconds=row.queue_ms)
         spans.append(Span(**common, span_id=handler_id, parent_id=gateway_id, name="handler",

@@ -191,6 +191,50 @@ def test_handler_error_is_500_with_traceback_only_in_logs(shim):
     assert any("kaput" in line["message"] for line in errors)
 
 
+def test_first_invocation_reports_the_cold_start(shim):
+    # Health checks (Knative's readiness probes) are not invocations.
+    assert shim.request("/_nimbus/health")[0] == 200
+    _, first, _ = shim.request("/")
+    _, second, _ = shim.request("/")
+    _, failed_later, _ = shim.request("/fail")
+    assert first["X-Nimbus-Cold-Start"] == "1"
+    assert float(first["X-Nimbus-Init-Ms"]) > 0  # from the process's start to the handler loaded
+    for headers in (second, failed_later):
+        assert "X-Nimbus-Cold-Start" not in headers and "X-Nimbus-Init-Ms" not in headers
+    for headers in (first, second, failed_later):
+        assert float(headers["X-Nimbus-Handler-Ms"]) >= 0
+
+
+FORKED_INSTANCE = """
+import json, os, sys, time
+sys.path.insert(0, sys.argv[1])
+import nimbus_runtime as rt
+
+runtime = rt.Runtime()
+runtime.load()
+loaded = time.monotonic()
+rt.instance_start.take()  # whatever the zygote did, its instances start afresh
+pid = os.fork()
+if pid == 0:
+    start = rt.instance_start
+    print(json.dumps({"after_load": start.started >= loaded, "pending": start.pending, "init_ms": start.init_ms}))
+    sys.stdout.flush()
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+
+
+def test_forked_instance_starts_its_own_cold_start(tmp_path):
+    # The local engine forks Python instances from a zygote that imported the handler long before:
+    # an instance's start is its fork, and its first invocation is cold even if the zygote's was not.
+    (tmp_path / "handler.py").write_text(PYTHON_HANDLER)
+    result = subprocess.run([sys.executable, "-I", "-S", "-c", FORKED_INSTANCE, str(RUNTIMES / "python")],
+                            env={"PATH": "/usr/bin:/bin", "NIMBUS_CODE_DIR": str(tmp_path)},
+                            capture_output=True, timeout=30, check=True)
+    assert json.loads(result.stdout.decode().strip().splitlines()[-1]) == {
+        "after_load": True, "pending": True, "init_ms": None}
+
+
 @pytest.mark.parametrize("runtime", RUNTIME_PARAMS)
 def test_debug_mode_shows_the_error(runtime, tmp_path):
     (tmp_path / ("handler.py" if runtime == "python" else "handler.js")).write_text(

@@ -23,6 +23,7 @@ from functions.engines.base import InvokeResult
 from functions.engines.concurrency import refusal, tenant_slots
 from functions.engines.local.gateway import (
     HOP_HEADERS,
+    INSTANCE_REPORT_HEADERS,
     PREFIX,
     TEST_SIGNATURE_HEADER,
     _note_runtime_trace,
@@ -43,7 +44,10 @@ CONNECTIONS = 256  # kept-alive connections to Services, across all functions
 KEEPALIVE_SECONDS = 30.0
 HOP = {name.decode() for name in HOP_HEADERS}
 NOT_FORWARDED = HOP | {"traceparent", "x-nimbus-invocation-id", TEST_SIGNATURE_HEADER.decode()}
-NOT_RETURNED = HOP | {"x-nimbus-invocation-id", "x-nimbus-revision"}
+# The shim's report on its instance (cold start, handler time) goes into the record; the caller gets
+# the portal's own X-Nimbus-Cold-Start and X-Nimbus-Duration-Ms.
+INSTANCE_REPORT = set(INSTANCE_REPORT_HEADERS)
+NOT_RETURNED = HOP | INSTANCE_REPORT | {"x-nimbus-invocation-id", "x-nimbus-revision"}
 
 
 @dataclass
@@ -173,6 +177,10 @@ class Answer:
     body: bytes
     revision: int | None
     error: str = ""
+    # What the instance said about itself; handler_ms is None when no shim answered.
+    cold_start: bool = False
+    init_ms: float = 0.0
+    handler_ms: float | None = None
 
 
 def service_url(values: dict, namespace: str, function: str, tag: str | None) -> str:
@@ -213,7 +221,19 @@ async def exchange(engine, route: KnativeRoute, tag: str | None, method: str, pa
         error = "out of memory; the instance was restarted"
     elif error_kind:
         error = "the handler raised an exception (see the logs)"
-    return Answer("error" if error_kind else "success", status, out_headers, out_body, revision, error)
+    cold = lowered.get("x-nimbus-cold-start") == "1"
+    init_ms = (_milliseconds(lowered.get("x-nimbus-init-ms")) or 0.0) if cold else 0.0
+    return Answer("error" if error_kind else "success", status, out_headers, out_body, revision, error,
+                  cold_start=cold, init_ms=init_ms, handler_ms=_milliseconds(lowered.get("x-nimbus-handler-ms")))
+
+
+def _milliseconds(value: str | None) -> float | None:
+    """A duration the shim reported, or None when it is missing or not a plausible number."""
+    try:
+        number = float(value) if value else None
+    except ValueError:
+        return None
+    return number if number is not None and 0 <= number < 1e9 else None
 
 
 def _revision_id(route: KnativeRoute, target, tag: str | None, answered: int | None) -> int | None:
@@ -225,9 +245,16 @@ def _revision_id(route: KnativeRoute, target, tag: str | None, answered: int | N
     return weighted[0].revision_id if len(weighted) == 1 else None
 
 
-def _finish(engine, record: dict, route: KnativeRoute, answer: Answer, started: float, duration_ms: float) -> None:
-    record.update(status=answer.outcome, http_status=answer.status, instance="", cold_start=False, init_ms=0.0,
-                  queue_ms=0.0, duration_ms=round(duration_ms, 3),
+def _finish(engine, record: dict, route: KnativeRoute, answer: Answer, started: float, round_trip_ms: float) -> None:
+    # The handler's own time is the invocation's duration; the rest of the round trip was spent in
+    # Knative's activator and queue-proxy and on the network, with the pod's start on a cold start
+    # (its init_ms is part of that wait, as on the local engine).
+    if answer.handler_ms is not None:
+        duration_ms, queue_ms = answer.handler_ms, max(0.0, round_trip_ms - answer.handler_ms)
+    else:
+        duration_ms, queue_ms = round_trip_ms, 0.0
+    record.update(status=answer.outcome, http_status=answer.status, instance="", cold_start=answer.cold_start,
+                  init_ms=round(answer.init_ms, 3), queue_ms=round(queue_ms, 3), duration_ms=round(duration_ms, 3),
                   billed_gb_seconds=route.memory_mb / 1024 * max(duration_ms, 1.0) / 1000, error=answer.error[:2000])
     record.setdefault("trace", {})["total_ms"] = (time.monotonic() - started) * 1000
     engine.records.submit(record)
@@ -279,7 +306,7 @@ async def invoke(engine, *, tenant: str, name: str, tag: str = "", method: str =
                                               invocation_id=invocation_id)
     finally:
         tenant_slots.give_back(route.tenant_id)
-    out_headers = [(k, v) for k, v in answer.headers if k.lower() not in HOP]
+    out_headers = [(k, v) for k, v in answer.headers if k.lower() not in HOP and k.lower() not in INSTANCE_REPORT]
     return InvokeResult(answer.status, answer.body, out_headers, str(invocation_id), answer.outcome, answer.error)
 
 
@@ -307,7 +334,8 @@ async def respond(engine, scope, send, route: KnativeRoute, target, tag: str | N
         engine, route, target, tag, method=scope["method"], path=target_path, headers=forward, body=body,
         trigger="http", raw_headers=headers)
     revision = answer.revision if answer.revision is not None else (target.revision if tag else None)
-    nimbus = [(b"x-nimbus-invocation-id", str(invocation_id).encode()), (b"x-nimbus-cold-start", b"no"),
+    nimbus = [(b"x-nimbus-invocation-id", str(invocation_id).encode()),
+              (b"x-nimbus-cold-start", b"yes" if answer.cold_start else b"no"),
               (b"x-nimbus-duration-ms", f"{duration_ms:.2f}".encode())]
     if revision is not None:
         nimbus.append((b"x-nimbus-revision", str(revision).encode()))

@@ -31,6 +31,10 @@ TOKEN_CACHE_SECONDS = 5.0
 EXIT_REASON_WAIT = 1.0
 HOP_HEADERS = {b"connection", b"keep-alive", b"transfer-encoding", b"upgrade", b"proxy-connection", b"te",
                b"trailer", b"content-length", b"host"}
+# What the runtime shim reports about its instance, for the Knative engine (which cannot see the
+# instance); the local engine knows it from the pool and sets its own X-Nimbus-Cold-Start.
+INSTANCE_REPORT_HEADERS = ("x-nimbus-cold-start", "x-nimbus-init-ms", "x-nimbus-handler-ms")
+NOT_PASSED_ON = frozenset(("x-nimbus-invocation-id", "x-nimbus-revision", *INSTANCE_REPORT_HEADERS))
 # Identifiers need to be unique, not secret; os.urandom costs ~70 µs a call on some VMs.
 _random = random.Random()
 _token_cache: dict[str, tuple[float, int | None, bool]] = {}
@@ -361,5 +365,5 @@ async def _attempt(engine, send, route, target, pool, headers, body, scope, sub_
            queue_ms=queue_ms, duration_ms=duration, error=error)
     response_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in out_headers
                         if k.lower().encode("latin-1") not in HOP_HEADERS
-                        and k.lower() not in ("x-nimbus-invocation-id", "x-nimbus-revision")]
+                        and k.lower() not in NOT_PASSED_ON]
     await _respond(send, status, out_body, response_headers + nimbus_headers(cold))

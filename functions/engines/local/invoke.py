@@ -13,7 +13,7 @@ from datetime import datetime, timezone as dt_timezone
 from functions.engines.base import InvokeResult
 from functions.engines.concurrency import refusal, tenant_slots
 from functions.engines.local import client
-from functions.engines.local.gateway import EXIT_REASON_WAIT, HOP_HEADERS, _random, _trace
+from functions.engines.local.gateway import EXIT_REASON_WAIT, HOP_HEADERS, INSTANCE_REPORT_HEADERS, _random, _trace
 from functions.engines.local.instances import InstanceFailed, PoolClosed, Saturated
 from functions.engines.local.routes import with_own_connection
 
@@ -114,6 +114,7 @@ async def _call(engine, route, target, *, method: str, path: str, headers, body:
         error = f"out of memory (limit {pool.spec.memory_mb} MB); the instance was restarted"
     elif error_kind:
         error = "the handler raised an exception (see the logs)"
-    out_headers = [(k, v) for k, v in out_headers if k.lower().encode("latin-1") not in HOP_HEADERS]
+    out_headers = [(k, v) for k, v in out_headers if k.lower().encode("latin-1") not in HOP_HEADERS
+                   and k.lower() not in INSTANCE_REPORT_HEADERS]
     return finish("error" if error_kind else "success", status, instance=inst.id, cold=cold, init_ms=init_ms,
                   queue_ms=queue_ms, duration_ms=duration, error=error, out_body=out_body, out_headers=out_headers)

@@ -55,6 +55,11 @@ function makeLogger() {
 
 let handler = null;
 let loadError = null;
+// This instance's cold start: ms from the process's start (performance.timeOrigin, taken as Node
+// starts, so its own start-up counts) to the handler being loaded; reported with the first
+// invocation only (null once that one has it).
+let initMs = null;
+let coldPending = true;
 
 function loadHandler() {
   const dot = HANDLER.lastIndexOf(".");
@@ -69,6 +74,7 @@ function loadHandler() {
     loadError = (err && err.stack) || String(err);
     emit("ERROR", `could not import handler ${HANDLER}:\n${loadError}`);
   }
+  initMs = performance.now();
 }
 
 function cloudEventOf(headers, body) {
@@ -164,6 +170,9 @@ async function invoke(req, body) {
       }
     },
   };
+  const cold = coldPending;  // taken before any await: one invocation alone is the first
+  coldPending = false;
+  const handlerStarted = process.hrtime.bigint();
   let status, headers, out, failed = null;
   try {
     if (!handler) throw new Error(`The handler could not be imported.\n${loadError || ""}`);
@@ -176,6 +185,12 @@ async function invoke(req, body) {
     if (DEBUG) { payload.detail = String(err && err.message); payload.traceback = stack; }
     [status, headers, out] = [500, { "Content-Type": "application/json", "X-Nimbus-Error": "handler" },
                               Buffer.from(JSON.stringify(payload))];
+  }
+  // What only the instance knows: the Knative engine records cold starts and queueing from these.
+  headers["X-Nimbus-Handler-Ms"] = (Number(process.hrtime.bigint() - handlerStarted) / 1e6).toFixed(3);
+  if (cold) {
+    headers["X-Nimbus-Cold-Start"] = "1";
+    headers["X-Nimbus-Init-Ms"] = (initMs === null ? performance.now() : initMs).toFixed(3);
   }
   headers["X-Nimbus-Invocation-Id"] = invocationId;
   // Which revision answered: behind Knative's traffic split only the instance knows.

@@ -27,6 +27,10 @@ import urllib.parse
 
 sys.dont_write_bytecode = True
 
+# The shim is the process's entrypoint: its import time is the instance's start when the kernel
+# cannot say when the process began (see _process_started).
+_IMPORTED_AT = time.monotonic()
+
 MAX_LOG_MESSAGE = 16000
 MAX_HEADER_BYTES = 64 * 1024
 HEALTH_PATH = "/_nimbus/health"
@@ -127,6 +131,67 @@ def configure_output() -> None:
     root = logging.getLogger()
     root.handlers[:] = [_JsonLogHandler()]
     root.setLevel(logging.INFO)
+
+
+# ---- the instance's cold start ---------------------------------------------------------------
+
+def _process_started() -> float:
+    """When this process began, on the time.monotonic() clock.
+
+    The kernel's own start time (/proc/self/stat field 22, clock ticks since boot, which is
+    CLOCK_BOOTTIME's origin), so the interpreter's start-up counts too, to a clock tick (10 ms);
+    where /proc is missing or disagrees with this module's import time (no CLOCK_BOOTTIME, a
+    foreign /proc), the import time of this module, which misses only the interpreter's start-up.
+    """
+    try:
+        with open("/proc/self/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+        # Fields after "(comm)" start at field 3; starttime is field 22.
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - started
+        now = time.monotonic()
+        if 0 <= _IMPORTED_AT - (now - age) < 60:
+            return now - age
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass
+    return _IMPORTED_AT
+
+
+class _InstanceStart:
+    """This instance's cold start: when it began, how long until it could call its handler, and
+    whether its first invocation has been answered yet (that one reports the cold start)."""
+
+    def __init__(self, started: float):
+        self.started = started
+        self.init_ms: float | None = None
+        self.pending = True
+
+    def loaded(self) -> None:
+        """The handler is loaded (or failed to): the init time ends here, once per instance."""
+        if self.init_ms is None:
+            self.init_ms = max(0.0, (time.monotonic() - self.started) * 1000)
+
+    def take(self) -> float | None:
+        """The init time to report with this invocation: only the instance's first one has it."""
+        if not self.pending:
+            return None
+        self.pending = False
+        self.loaded()
+        return self.init_ms
+
+
+instance_start = _InstanceStart(_process_started())
+
+
+def _forked_instance() -> None:
+    # A local-engine instance forked from the zygote (nimbus_zygote.py): the handler was imported
+    # before the fork, so its start is the fork and its init ends when it starts serving, never the
+    # zygote's age.
+    global instance_start
+    instance_start = _InstanceStart(time.monotonic())
+
+
+os.register_at_fork(after_in_child=_forked_instance)
 
 
 # ---- the function contract ------------------------------------------------------------------
@@ -259,9 +324,11 @@ class Runtime:
                 raise
             self.load_error = "".join(traceback.format_exception(exc)).strip()
             emit("ERROR", f"could not import handler {self.handler_name}:\n{self.load_error}")
+            instance_start.loaded()
             return
         self.handler = handler
         self.is_async = inspect.iscoroutinefunction(handler)
+        instance_start.loaded()
 
     async def invoke(self, event: Event, context: Context) -> tuple[int, list[tuple[str, str]], bytes, str | None]:
         """Call the handler; (status, headers, body, error) where error is set when it failed."""
@@ -436,8 +503,15 @@ class Server:
                      for k, v in urllib.parse.parse_qs(raw_query, keep_blank_values=True).items()}
             event = Event(method, path, query, headers, body, raw_query)
             context = Context(invocation_id, trace_id, parent, self.runtime.timeout)
+            init_ms = instance_start.take()  # before any await: one invocation alone is the first
+            handler_started = time.perf_counter()
             status, out_headers, out_body, error = await self.runtime.invoke(event, context)
+            handler_ms = (time.perf_counter() - handler_started) * 1000
             out_headers = list(out_headers)
+            # What only the instance knows: the Knative engine records cold starts and queueing from these.
+            out_headers.append(("X-Nimbus-Handler-Ms", f"{handler_ms:.3f}"))
+            if init_ms is not None:
+                out_headers += [("X-Nimbus-Cold-Start", "1"), ("X-Nimbus-Init-Ms", f"{init_ms:.3f}")]
             out_headers.append(("X-Nimbus-Invocation-Id", invocation_id))
             if context.revision:
                 # Which revision answered: behind Knative's traffic split only the instance knows.
@@ -479,6 +553,9 @@ async def serve(runtime: Runtime, *, unix_path: str | None = None, port: int | N
         server = await asyncio.start_unix_server(server_obj.handle_connection, path=unix_path, limit=limit)
     else:
         server = await asyncio.start_server(server_obj.handle_connection, host="0.0.0.0", port=port, limit=limit)
+    # Ready to answer: a forked instance's init ends here (a shim started as the entrypoint ended
+    # its init when the handler loaded).
+    instance_start.loaded()
     if on_listening:
         on_listening()
     async with server:

@@ -71,12 +71,39 @@ def test_public_function_answers_through_the_portal_and_is_recorded(knative, ser
     invocation_id = response.headers["x-nimbus-invocation-id"]
     assert answer["invocation"] == invocation_id
     assert response.headers["x-nimbus-revision"] == "1"
-    assert response.headers["x-nimbus-cold-start"] == "no"
+    assert response.headers["x-nimbus-cold-start"] == "yes"  # the instance's first invocation
     assert float(response.headers["x-nimbus-duration-ms"]) >= 0
 
     row = record(knative, invocation_id)
     assert (row.function_id, row.revision_id, row.status, row.http_status) == (function.pk, revision.pk, "success", 200)
-    assert (row.trigger, row.trace_id, row.cold_start, row.error) == ("http", TRACE_ID, False, "")
+    assert (row.trigger, row.trace_id, row.cold_start, row.error) == ("http", TRACE_ID, True, "")
+
+
+def test_cold_start_and_handler_time_come_from_the_instance(knative, service, deploy_on_knative, portal):
+    from observability.models import Span
+
+    deploy_on_knative("hello")
+    cold = portal.request("GET", "/fn/acme/hello/")
+    warm = portal.request("GET", "/fn/acme/hello/")
+    assert (cold.status, warm.status) == (200, 200)
+    assert cold.headers["x-nimbus-cold-start"] == "yes" and warm.headers["x-nimbus-cold-start"] == "no"
+    for response in (cold, warm):
+        # The shim's report is the portal's to read, not the caller's.
+        assert not {"x-nimbus-init-ms", "x-nimbus-handler-ms"} & set(response.headers)
+
+    first = record(knative, cold.headers["x-nimbus-invocation-id"])
+    assert first.cold_start is True and first.init_ms > 0
+    assert first.queue_ms >= 0 and first.duration_ms >= 0
+    second = record(knative, warm.headers["x-nimbus-invocation-id"])
+    assert second.cold_start is False and second.init_ms == 0
+    assert second.queue_ms >= 0 and second.duration_ms >= 0
+    # The waterfall: the cold start inside the queue wait, then the handler the shim timed.
+    spans = {s.kind: s for s in Span.objects.filter(invocation_id=first.pk)}
+    assert {"gateway", "queue", "cold_start", "handler"} <= set(spans)
+    assert spans["cold_start"].parent_id == spans["queue"].span_id
+    assert spans["cold_start"].duration_ms <= spans["queue"].duration_ms
+    assert spans["handler"].duration_ms == first.duration_ms
+    assert Span.objects.filter(invocation_id=second.pk, kind="cold_start").count() == 0
 
 
 def test_token_auth_unknown_functions_and_tags(knative, service, deploy_on_knative, portal, members, tenant,
@@ -190,9 +217,11 @@ def test_engine_invoke_records_its_trigger(knative, service, deploy_on_knative):
     assert (result.status, result.outcome, result.retryable) == (200, "success", False)
     answer = json.loads(result.body)
     assert answer["trigger"] == "event" and answer["path"] == "/from-queue" and answer["authorization"] is None
-    assert not any(k.lower() in ("connection", "transfer-encoding") for k, _ in result.headers)
+    assert not any(k.lower() in ("connection", "transfer-encoding", "x-nimbus-cold-start", "x-nimbus-init-ms",
+                                 "x-nimbus-handler-ms") for k, _ in result.headers)
     row = record(knative, result.invocation_id)
-    assert (row.trigger, row.status, row.revision_id) == ("event", "success", revision.pk)
+    assert (row.trigger, row.status, row.revision_id, row.cold_start) == ("event", "success", revision.pk, True)
+    assert row.init_ms > 0 and row.queue_ms >= 0
 
     missing = asyncio.run(knative.invoke(tenant="acme", name="nope"))
     assert (missing.status, missing.outcome, missing.retryable) == (404, "unavailable", True)

@@ -87,6 +87,40 @@ def test_token_is_not_passed_to_the_function(engine, deploy, gateway, members, t
     assert response.json() == {"auth": None}
 
 
+def test_the_instances_own_report_is_not_passed_on(engine, deploy, gateway):
+    # The shim reports its cold start and handler time for the Knative engine; the local gateway
+    # knows them from the pool and says so once, in its own words.
+    from functions.engines.local.gateway import gateway_app
+
+    deploy("hello", version_files(1))
+
+    def raw_headers():
+        started = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                started.append(message)
+
+        scope = {"type": "http", "method": "GET", "path": "/fn/acme/hello/", "raw_path": b"/fn/acme/hello/",
+                 "query_string": b"", "headers": [], "client": ("127.0.0.1", 50000)}
+        gateway.loop.run_until_complete(gateway_app(scope, receive, send))
+        assert started[0]["status"] == 200
+        return [(k.decode(), v.decode()) for k, v in started[0]["headers"]]
+
+    cold, warm = raw_headers(), raw_headers()
+    assert [v for k, v in cold if k == "x-nimbus-cold-start"] == ["yes"]
+    assert [v for k, v in warm if k == "x-nimbus-cold-start"] == ["no"]
+    for headers in (cold, warm):
+        assert not {"x-nimbus-init-ms", "x-nimbus-handler-ms"} & {k for k, _ in headers}
+    queued = gateway.loop.run_until_complete(engine.invoke(tenant="acme", name="hello", method="GET"))
+    assert queued.status == 200
+    reported = {"x-nimbus-cold-start", "x-nimbus-init-ms", "x-nimbus-handler-ms"}
+    assert not reported & {k.lower() for k, _ in queued.headers}
+
+
 def test_ide_test_signature_opens_only_its_own_function(engine, deploy, gateway, members):
     from functions.test_invoke import test_signature
 

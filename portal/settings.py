@@ -261,6 +261,9 @@ NIMBUS_KNATIVE = {
     "INTERNAL_URL": os.environ.get("NIMBUS_KNATIVE_INTERNAL_URL", "http://{service}.{namespace}.svc.cluster.local"),
     # Seconds the portal waits beyond a function's timeout (Knative times the request out first).
     "INVOKE_TIMEOUT_MARGIN": float(os.environ.get("NIMBUS_KNATIVE_INVOKE_TIMEOUT_MARGIN", "5")),
+    # Seconds between the delivery worker's passes pulling function log lines from the pods into
+    # the portal's log store (functions/engines/knative/logsync.py); 0 turns the pulls off.
+    "LOG_PULL_SECONDS": float(os.environ.get("NIMBUS_KNATIVE_LOG_PULL_SECONDS", "5")),
 }
 
 # Observability (observability/): the operators' tools the Monitor tab embeds when set, the

@@ -178,3 +178,20 @@ class Engine(Protocol):
     def sync_sequence(self, tenant: str, name: str, functions: list[str] | None, *, policy=None) -> None:
         """Make the engine's object for a sequence of ``functions`` (names, in order), or remove it
         when ``functions`` is None. A no-op where the portal's worker runs sequences."""
+
+    # Optional capability (not a member above, so engines without it still satisfy the protocol;
+    # see LogPulling): an engine whose function log lines do not reach the portal's log store by
+    # themselves has ``pull_logs()``, which the delivery worker calls every ``log_pull_seconds``.
+
+
+@runtime_checkable
+class LogPulling(Protocol):
+    """An engine that brings function log lines into the portal's log store (InvocationLog rows)
+    only when asked: Knative, whose lines are in its pods. ``log_pull_seconds`` 0 turns it off."""
+
+    log_pull_seconds: float
+
+    def pull_logs(self) -> int:
+        """One pass: store the new log lines of recently invoked functions; returns how many.
+        Blocking (HTTP and database), so never on an event loop. Safe to run in several processes."""
+        ...

@@ -1,7 +1,7 @@
 """The delivery worker: fires due cron triggers (unless the engine runs them itself), claims
 deliveries with a lease, invokes each through the engine (``Engine.invoke``), settles it (result,
-retry with backoff, dead letter), moves sequences on to their next step and posts results to
-callback URLs.
+retry with backoff, dead letter), moves sequences on to their next step, posts results to
+callback URLs and, on an engine that needs it (Knative), pulls function log lines in.
 
 One thread with its own event loop; database work runs on a small thread pool. It runs inside
 the portal process (``start_in_process``, from the ASGI entry point) and as
@@ -152,6 +152,7 @@ class Worker:
         self.wakeup = asyncio.Event()
         running: set[asyncio.Task] = set()
         renewer = asyncio.create_task(self._renew_leases())
+        puller = asyncio.create_task(self._pull_logs())
         try:
             while not self.stopping.is_set():
                 # An engine that fires cron triggers itself (Knative's PingSources) owns them.
@@ -183,6 +184,7 @@ class Worker:
                 await asyncio.wait(running, timeout=30)
         finally:
             renewer.cancel()
+            puller.cancel()
             self.db.submit(connections.close_all).result(timeout=5)
             self.db.shutdown(wait=False)
             self.loop = None
@@ -196,6 +198,21 @@ class Worker:
                                    lease_seconds=self.lease_seconds)
                 except Exception:  # noqa: BLE001 - renewed on the next round, or the lease lapses
                     log.warning("renewing leases failed", exc_info=True)
+
+    async def _pull_logs(self) -> None:
+        """Every ``log_pull_seconds``, bring in the function log lines of an engine that does not
+        deliver them itself (Knative's pods; base.LogPulling). In the DB executor: a pass does
+        database work and blocking HTTP."""
+        pull = getattr(self.engine, "pull_logs", None)
+        interval = float(getattr(self.engine, "log_pull_seconds", 0) or 0)
+        if pull is None or interval <= 0:
+            return
+        while True:
+            try:
+                await self._db(pull)
+            except Exception:  # noqa: BLE001 - the next pass tries again
+                log.exception("pulling function logs failed")
+            await asyncio.sleep(interval)
 
     # ---- one delivery -------------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ from portal.errors import Conflict, EngineError
 
 from functions.engines.local.records import RecordsWriter
 
-from . import invoke, manifests, names
+from . import invoke, logsync, manifests, names
 from .client import KubeClient
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,9 @@ class KnativeEngine:
         self.service_client = invoke.ServiceClient()
         self._records: RecordsWriter | None = None
         self._records_lock = threading.Lock()
+        # Function log lines stay in the pods until the delivery worker pulls them in (logsync.py).
+        self.log_pull_seconds = float(self.values.get("LOG_PULL_SECONDS", 5) or 0)
+        self.log_sync = logsync.LogSync(self)
 
     @property
     def records(self) -> RecordsWriter:
@@ -359,6 +362,11 @@ class KnativeEngine:
                     lines.append(line)
         lines.sort(key=lambda line: line.time)
         yield from lines[-limit:]
+
+    def pull_logs(self) -> int:
+        """One pass bringing new log lines of recently invoked functions from their pods into the
+        portal's log store; returns how many lines were stored. Blocking (HTTP and database)."""
+        return self.log_sync.pull()
 
     # ---- triggers (issue 6) ----------------------------------------------------------------------------
 

@@ -211,6 +211,13 @@ class LocalEngine:
     def sync_sequence(self, tenant: str, name: str, functions: list[str] | None, *, policy=None) -> None:
         """Nothing to do: the delivery worker runs sequences from the database."""
 
+    # The instances' output reader stores every log line as it is written (records.py).
+    log_pull_seconds = 0.0
+
+    def pull_logs(self) -> int:
+        """Nothing to pull: log lines reach the log store by themselves on this engine."""
+        return 0
+
     def status(self, function: FunctionRef) -> FunctionStatus:
         self.routes.refresh(force=True)
         route = self.routes.routes.get((function.tenant, function.name))

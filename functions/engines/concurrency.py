@@ -39,6 +39,26 @@ class TenantSlots:
         return self._in_flight.get(tenant_id, 0)
 
 
+async def routed_call(engine, tenant: str, name: str, tag: str, call):
+    """A queued call's common part on either engine: route it (404 "unavailable" when nothing
+    serves), hold a slot of its tenant (429 "rejected" at the quota) and run ``call(route, target)``."""
+    from functions.engines.base import InvokeResult
+
+    route = await engine.routes.aget(tenant, name)
+    if route is None or route.offline:
+        return InvokeResult(404, outcome="unavailable", error=f"{tenant}/{name} is not deployed or is offline")
+    target = route.pick(tag or None)
+    if target is None:
+        return InvokeResult(404, outcome="unavailable",
+                            error=f"no revision is tagged '{tag}'" if tag else "no revision takes traffic")
+    if not tenant_slots.take(route.tenant_id, route.max_concurrent):
+        return InvokeResult(429, outcome="rejected", error=refusal(route.tenant, route.max_concurrent))
+    try:
+        return await call(route, target)
+    finally:
+        tenant_slots.give_back(route.tenant_id)
+
+
 def refusal(tenant: str, limit: int) -> str:
     return (f"Tenant {tenant} is running its limit of {limit} concurrent invocations; "
             "try again shortly or ask an operator to raise the quota.")

@@ -20,7 +20,7 @@ import aiohttp
 import yarl
 
 from functions.engines.base import InvokeResult
-from functions.engines.concurrency import refusal, tenant_slots
+from functions.engines.concurrency import routed_call
 from functions.engines.local.gateway import (
     HOP_HEADERS,
     INSTANCE_REPORT_HEADERS,
@@ -288,26 +288,18 @@ async def call(engine, route: KnativeRoute, target, tag: str | None, *, method: 
 async def invoke(engine, *, tenant: str, name: str, tag: str = "", method: str = "POST", path: str = "/",
                  headers: list[tuple[str, str]] | None = None, body: bytes = b"", trigger: str = "async",
                  invocation_id: uuid.UUID | None = None) -> InvokeResult:
-    route = await engine.routes.aget(tenant, name)
-    if route is None or route.offline:
-        return InvokeResult(404, outcome="unavailable", error=f"{tenant}/{name} is not deployed or is offline")
-    target = route.pick(tag or None)
-    if target is None:
-        return InvokeResult(404, outcome="unavailable",
-                            error=f"no revision is tagged '{tag}'" if tag else "no revision takes traffic")
     headers = [(str(k), str(v)) for k, v in (headers or [])]
     raw = [(k.lower().encode("latin-1"), v.encode("latin-1", "replace")) for k, v in headers]
     forward = [(k, v) for k, v in headers if k.lower() != "authorization"]
-    if not tenant_slots.take(route.tenant_id, route.max_concurrent):
-        return InvokeResult(429, outcome="rejected", error=refusal(route.tenant, route.max_concurrent))
-    try:
-        answer, invocation_id, _ = await call(engine, route, target, tag or None, method=method, path=path or "/",
-                                              headers=forward, body=body, trigger=trigger, raw_headers=raw,
-                                              invocation_id=invocation_id)
-    finally:
-        tenant_slots.give_back(route.tenant_id)
-    out_headers = [(k, v) for k, v in answer.headers if k.lower() not in HOP and k.lower() not in INSTANCE_REPORT]
-    return InvokeResult(answer.status, answer.body, out_headers, str(invocation_id), answer.outcome, answer.error)
+
+    async def one(route: KnativeRoute, target) -> InvokeResult:
+        answer, recorded_id, _ = await call(engine, route, target, tag or None, method=method, path=path or "/",
+                                            headers=forward, body=body, trigger=trigger, raw_headers=raw,
+                                            invocation_id=invocation_id)
+        out_headers = [(k, v) for k, v in answer.headers if k.lower() not in HOP and k.lower() not in INSTANCE_REPORT]
+        return InvokeResult(answer.status, answer.body, out_headers, str(recorded_id), answer.outcome, answer.error)
+
+    return await routed_call(engine, tenant, name, tag, one)
 
 
 # ---- the gateway's path (/fn/ on the Knative engine) -------------------------------------------------

@@ -11,7 +11,7 @@ import uuid
 from datetime import datetime, timezone as dt_timezone
 
 from functions.engines.base import InvokeResult
-from functions.engines.concurrency import refusal, tenant_slots
+from functions.engines.concurrency import routed_call
 from functions.engines.local import client
 from functions.engines.local.gateway import EXIT_REASON_WAIT, HOP_HEADERS, INSTANCE_REPORT_HEADERS, _random, _trace
 from functions.engines.local.instances import InstanceFailed, PoolClosed, Saturated
@@ -24,20 +24,9 @@ async def invoke(engine, *, tenant: str, name: str, tag: str = "", method: str =
                  headers: list[tuple[str, str]] | None = None, body: bytes = b"", trigger: str = "async",
                  invocation_id: uuid.UUID | None = None) -> InvokeResult:
     """One call of ``tenant/name`` (the tagged revision, or one drawn by traffic share)."""
-    route = await engine.routes.aget(tenant, name)
-    if route is None or route.offline:
-        return InvokeResult(404, outcome="unavailable", error=f"{tenant}/{name} is not deployed or is offline")
-    target = route.pick(tag or None)
-    if target is None:
-        return InvokeResult(404, outcome="unavailable",
-                            error=f"no revision is tagged '{tag}'" if tag else "no revision takes traffic")
-    if not tenant_slots.take(route.tenant_id, route.max_concurrent):
-        return InvokeResult(429, outcome="rejected", error=refusal(route.tenant, route.max_concurrent))
-    try:
-        return await _call(engine, route, target, method=method, path=path, headers=headers, body=body,
-                           trigger=trigger, invocation_id=invocation_id)
-    finally:
-        tenant_slots.give_back(route.tenant_id)
+    return await routed_call(engine, tenant, name, tag, lambda route, target: _call(
+        engine, route, target, method=method, path=path, headers=headers, body=body, trigger=trigger,
+        invocation_id=invocation_id))
 
 
 async def _call(engine, route, target, *, method: str, path: str, headers, body: bytes, trigger: str,

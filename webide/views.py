@@ -9,6 +9,7 @@ import zipfile
 from django.conf import settings
 from django.http import JsonResponse
 from django.shortcuts import render
+from django.urls import reverse
 from django.views.decorators.http import require_POST
 
 from functions.selectors import function_for_user, function_permissions
@@ -31,6 +32,8 @@ def editor(request, tenant, function):
         "wsPath": f"/ws/ide/{function.tenant.slug}/{function.name}/",
         "uploadUrl": f"/ide/{function.tenant.slug}/{function.name}/upload/",
         "functionUrl": f"/t/{function.tenant.slug}/f/{function.name}/",
+        # An invocation's trace: this prefix + its trace id + "/".
+        "tracesUrl": reverse("trace_detail", args=[function.tenant.slug, "0"])[:-2],
         "canChange": "change" in perms,
         "canDeploy": "deploy" in perms,
     }

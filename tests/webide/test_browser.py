@@ -263,6 +263,16 @@ def test_edit_save_deploy_and_call_the_new_code(portal, login, capsys):
     # Log lines land in the batch after their record: the panel keeps looking until they are in.
     expect(page.locator("#test-invocation-lines")).to_contain_text("answering Ada", timeout=15000)
     expect(page.locator("#ide-error")).to_be_hidden()
+    # ... and its trace: the link opens the trace page with the call's spans.
+    trace = page.locator("#test-trace")
+    expect(trace).to_be_visible()
+    with page.context.expect_page() as opened:
+        trace.click()
+    trace_page = opened.value
+    trace_page.wait_for_load_state()
+    expect(trace_page.locator("body")).to_contain_text("handler")
+    expect(trace_page.locator("body")).to_contain_text("browser-deploy")
+    trace_page.close()
 
     # The live log tail shows the handler's line; the level filter keeps it (WARNING >= WARNING).
     page.click("#tab-logs")

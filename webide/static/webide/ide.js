@@ -683,6 +683,7 @@
     var link = $("test-invocation");
     link.classList.toggle("d-none", !invocation);
     $("test-invocation-logs").classList.add("d-none");
+    $("test-trace").classList.add("d-none");
     if (invocation) {
       link.textContent = "invocation " + invocation.slice(0, 8) + "… logs";
       link.dataset.invocation = invocation;
@@ -703,6 +704,9 @@
       $("test-invocation-lines").textContent = head + "\n\n" +
         (body.join("\n") || (waiting ? "(waiting for log lines…)" : "(no log lines)"));
       $("test-invocation-logs").classList.remove("d-none");
+      var trace = $("test-trace");
+      trace.classList.toggle("d-none", !inv.trace_id);
+      if (inv.trace_id) trace.href = config.tracesUrl + inv.trace_id + "/";
       if (waiting) setTimeout(function () { showInvocation(id, attempt, logAttempt + 1); }, 500);
     }).catch(function (err) {
       // The gateway writes invocation records just after answering: give it a moment.

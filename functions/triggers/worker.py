@@ -29,6 +29,8 @@ from django.utils import timezone
 from functions.models import Delivery, SequenceStep
 from functions.triggers import cron, queue
 
+DELIVERY_HEADERS = {"x-nimbus-delivery-id", "x-nimbus-attempt"}  # set by the worker, never by callers
+
 log = logging.getLogger(__name__)
 
 CALLBACK_TIMEOUT = 5.0
@@ -242,10 +244,13 @@ class Worker:
                 await self._after_final(delivery)
             return
         function = delivery.function
+        # Delivery is at least once (a worker killed mid-call leaves its lease to expire and the item
+        # runs again): the id and attempt let a handler recognise a repeat.
+        headers = [tuple(h) for h in delivery.headers if str(h[0]).lower() not in DELIVERY_HEADERS]
+        headers += [("X-Nimbus-Delivery-Id", str(delivery.pk)), ("X-Nimbus-Attempt", str(delivery.attempts))]
         result = await self.engine.invoke(tenant=function.tenant.slug, name=function.name, tag=delivery.tag,
-                                          method=delivery.method, path=delivery.path,
-                                          headers=[tuple(h) for h in delivery.headers], body=bytes(delivery.body),
-                                          trigger=delivery.source)
+                                          method=delivery.method, path=delivery.path, headers=headers,
+                                          body=bytes(delivery.body), trigger=delivery.source)
         if result.retryable:
             error = result.error or f"the function answered {result.status}"
             state = await self._db(queue.fail, delivery, self.worker_id, error=error, policy=policy,

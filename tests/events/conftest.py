@@ -38,7 +38,8 @@ def handle(event, context):
     calls += 1
     if calls <= 2:
         raise RuntimeError(f"failure {calls}")
-    return {"calls": calls}
+    return {"calls": calls, "delivery": event.headers.get("x-nimbus-delivery-id"),
+            "attempt": event.headers.get("x-nimbus-attempt")}
 '''
 
 DOUBLE = '''

@@ -66,11 +66,13 @@ def test_retries_with_backoff_until_success(engine, deploy, gateway, members, st
     function, _ = deploy("flaky", handler(FLAKY), max_instances=1)
     retry_policy_set(acting_user=members["developer"], function=function, max_attempts=5, backoff_seconds=0.05,
                      backoff_max_seconds=0.2)
-    accepted = gateway.post("/fn/acme/flaky/", b"{}", headers={"Prefer": "respond-async"}).json()
+    accepted = gateway.post("/fn/acme/flaky/", b"{}", headers={"Prefer": "respond-async",
+                                                                "X-Nimbus-Attempt": "99"}).json()
     start_worker()
     (delivery,) = settled(accepted["id"])
     assert delivery.state == "succeeded" and delivery.attempts == 3
-    assert json.loads(bytes(delivery.result_body)) == {"calls": 3}
+    # The handler can tell a retry from a new delivery (at-least-once: deduplicate on the id).
+    assert json.loads(bytes(delivery.result_body)) == {"calls": 3, "delivery": accepted["id"], "attempt": "3"}
     records = invocations(engine, function, "async").order_by("started_at")
     assert [r.status for r in records] == ["error", "error", "success"]
     # Each retry waited its backoff: the next attempt started after the previous one had finished.

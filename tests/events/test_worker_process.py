@@ -27,18 +27,22 @@ def handle(event, context):
 '''
 
 
-def database_url() -> str:
+def database_env() -> dict:
+    """The test database, for another process: PostgreSQL's URL, or SQLite's file (tests/settings.py
+    keeps the SQLite test database in a file for this)."""
     s = connection.settings_dict
-    return f"postgres://{s['USER']}:{s.get('PASSWORD') or ''}@{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
+    if connection.vendor == "sqlite":
+        return {"SQLITE_PATH": s["NAME"]}
+    return {"DATABASE_URL": f"postgres://{s['USER']}:{s.get('PASSWORD') or ''}@{s['HOST'] or '127.0.0.1'}:"
+                            f"{s['PORT'] or 5432}/{s['NAME']}"}
 
 
-@pytest.mark.skipif(connection.vendor != "postgresql",
-                    reason="another process cannot open the in-memory SQLite test database (CI runs PostgreSQL)")
 def test_a_separate_worker_process_stops_gracefully_mid_queue(engine, deploy, start_worker, tmp_path):
     function, _ = deploy("slow", handler(SLOW_ECHO), max_instances=2)
     ids = [queue.enqueue(function=function, source="async", body=f'{{"n": {i}}}'.encode()).pk for i in range(16)]
-    env = {k: v for k, v in os.environ.items() if k not in ("NIMBUS_TESTING", "DJANGO_SETTINGS_MODULE")}
-    env.update({"DATABASE_URL": database_url(), "DEBUG": "1", "NIMBUS_DATA_DIR": str(tmp_path),
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NIMBUS_TESTING", "DJANGO_SETTINGS_MODULE", "DATABASE_URL", "SQLITE_PATH")}
+    env.update({**database_env(), "DEBUG": "1", "NIMBUS_DATA_DIR": str(tmp_path),
                 "DJANGO_SETTINGS_MODULE": "portal.settings", "NIMBUS_WORKER": "external"})
     process = subprocess.Popen([sys.executable, "manage.py", "nimbus_worker", "--concurrency", "2", "--poll", "0.05",
                                 "--lease", "5", "--id", "process-worker", "--no-cron"],

@@ -330,6 +330,42 @@ def test_viewer_gets_a_read_only_editor(portal, login):
     assert editor_value(page) == before
 
 
+ADD_TRIGGERS = """
+from django.contrib.auth import get_user_model
+from functions.models import Function
+from functions.services_triggers import trigger_create, trigger_update
+user = get_user_model().objects.get(username="acme-developer")
+function = Function.objects.get(tenant__slug="acme", name="{name}")
+trigger_create(acting_user=user, function=function, name="nightly", kind="cron", schedule="0 3 * * *",
+               time_zone="Europe/Paris")
+orders = trigger_create(acting_user=user, function=function, name="orders", kind="event",
+                        filters=[{{"attribute": "type", "value": "com.example.order.", "match": "prefix"}}])
+trigger_update(acting_user=user, trigger=orders, enabled=False)
+"""
+
+
+def test_the_triggers_tab_lists_what_starts_the_function(portal, login):
+    url = portal.new_function("browser-triggers")
+    page = login("acme-viewer", url)
+    page.click("#tab-triggers")
+    expect(page.locator("#triggers-body")).to_contain_text("No cron or event triggers.")
+    expect(page.locator("#triggers-http")).to_have_text("/fn/acme/browser-triggers/")
+    portal.manage("shell", code=ADD_TRIGGERS.format(name="browser-triggers"))
+    page.reload()
+    page.wait_for_function("window.nimbusIde && window.nimbusIde.state.version !== null", timeout=30000)
+    page.click("#tab-triggers")
+    rows = page.locator("#triggers-body tr")
+    expect(rows).to_have_count(2)
+    expect(rows.nth(0)).to_contain_text("nightly")
+    expect(rows.nth(0)).to_contain_text("0 3 * * * (Europe/Paris)")
+    expect(rows.nth(0).locator(".badge")).to_have_text("on")
+    expect(rows.nth(1)).to_contain_text("orders")
+    expect(rows.nth(1)).to_contain_text("CloudEvent")
+    expect(rows.nth(1)).to_contain_text("type starts with com.example.order.")
+    expect(rows.nth(1).locator(".badge")).to_have_text("off")
+    expect(page.locator("#panel-triggers a")).to_have_attribute("href", "/t/acme/f/browser-triggers/triggers/")
+
+
 def test_syntax_errors_become_markers_and_theme_is_remembered(portal, login):
     page = login("acme-developer", portal.new_function("browser-markers"))
     type_into_editor(page, "def handle(event, context):\nreturn 1 +")

@@ -145,6 +145,7 @@
       setMarkers(msg.markers, null);
       renderRevisions(msg.revisions);
       renderTestEvents(msg.test_events);
+      renderTriggers(msg.triggers);
       applyPermissions();
     },
     files: function (msg) { loadFiles(msg.files, msg.source_version); },
@@ -511,6 +512,35 @@
   }
 
   // ---- revisions and diffs ----------------------------------------------------------------------
+
+  // What starts this function besides HTTP: cron schedules and CloudEvent filters (read-only here).
+  function renderTriggers(triggers) {
+    $("triggers-http").textContent = state.fn ? state.fn.invoke_path : "";
+    var body = $("triggers-body");
+    body.textContent = "";
+    if (!triggers || !triggers.length) {
+      var empty = el("tr");
+      empty.appendChild(el("td", { colspan: "4", className: "text-body-secondary" }, "No cron or event triggers."));
+      body.appendChild(empty);
+      return;
+    }
+    triggers.forEach(function (t) {
+      var when = t.kind === "cron" ? t.schedule + " (" + (t.time_zone || "UTC") + ")" :
+        (t.filters || []).map(function (f) {
+          return f.attribute + (f.match === "prefix" ? " starts with " : " = ") + f.value;
+        }).join(", ") || "every event";
+      var tr = el("tr");
+      tr.appendChild(el("td", { className: "mono" }, t.name));
+      tr.appendChild(el("td", {}, t.kind === "cron" ? "cron" : "CloudEvent"));
+      tr.appendChild(el("td", { className: "mono small" }, when));
+      var badge = el("span", { className: "badge " + (t.enabled ? "text-bg-success" : "text-bg-secondary") },
+        t.enabled ? "on" : "off");
+      var cell = el("td");
+      cell.appendChild(badge);
+      tr.appendChild(cell);
+      body.appendChild(tr);
+    });
+  }
 
   function renderRevisions(revisions) {
     state.revisions = revisions || [];

@@ -10,6 +10,7 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from guardian.core import ObjectPermissionChecker
 
+from functions.engines.concurrency import tenant_slots
 from functions.models import Function
 from functions.selectors import functions_for_user
 from portal.errors import NimbusError, PermissionDenied
@@ -207,7 +208,7 @@ def quota(request, tenant):
     ]
     return render(request, "tenancy/quota.html", tenant_context(
         request.user, tenant, "quota", usage=rows, per_function=per_function,
-        max_concurrent=limits.max_concurrent_invocations))
+        max_concurrent=limits.max_concurrent_invocations, in_flight=tenant_slots.in_flight(tenant.pk)))
 
 
 # ---- audit ---------------------------------------------------------------------------------

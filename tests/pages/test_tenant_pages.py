@@ -217,6 +217,16 @@ def test_quota_shows_usage(tenant, members, client_for):
     assert usage["Functions"] == (1, 50)
     assert usage["Reserved memory"] == (4096, 16384)
     assert usage["GPUs"] == (0, 0)
+    # The tenant-wide concurrency quota, and the calls of the tenant running in this process now.
+    from functions.engines.concurrency import tenant_slots
+
+    assert page.context["max_concurrent"] == 200 and page.context["in_flight"] == 0
+    assert tenant_slots.take(tenant.pk, 200)
+    try:
+        busy = client_for(members["viewer"]).get(reverse("tenant_quota", args=["acme"]))
+    finally:
+        tenant_slots.give_back(tenant.pk)
+    assert '<td class="text-end" id="quota-in-flight">1</td>' in busy.content.decode()
 
 
 @pytest.mark.django_db

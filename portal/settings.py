@@ -232,6 +232,8 @@ NIMBUS_LOCAL = {
     "INSTANCE_CPU_SECONDS": int(os.environ.get("NIMBUS_INSTANCE_CPU_SECONDS", "600")),
     "INSTANCE_OPEN_FILES": int(os.environ.get("NIMBUS_INSTANCE_OPEN_FILES", "256")),
     "INSTANCE_PROCESSES": int(os.environ.get("NIMBUS_INSTANCE_PROCESSES", "256")),
+    # Hold each instance to its function's millicores (SIGSTOP/SIGCONT from a userspace throttle).
+    "CPU_THROTTLE": env_bool("NIMBUS_LOCAL_CPU_THROTTLE", True),
     # Local folders of packages (wheelhouses, npm packages) that sandboxed installers may read.
     "DEPS_LOCAL_DIRS": env_list("NIMBUS_DEPS_LOCAL_DIRS", ""),
 }

@@ -35,6 +35,7 @@ from functions.engines.base import (
     TrafficSpec,
 )
 from functions.engines.local import client, sandbox
+from functions.engines.local.cpu import CpuThrottle
 from functions.engines.local.deps import Installer, ensure_deps
 from functions.engines.local.instances import InstanceFailed, Pool, Saturated
 from functions.engines.local.records import RecordsWriter
@@ -91,6 +92,8 @@ class LocalEngine:
             lambda: collections.deque(maxlen=LOG_BUFFER))
         self.log_changed = threading.Condition()
         self.upkeep_thread: threading.Thread | None = None
+        # The functions' millicores: cgroups are not ours to use, so a userspace throttle (cpu.py).
+        self.cpu_throttle = CpuThrottle() if self.settings.get("CPU_THROTTLE", True) else None
         self.stopped = False
         _engines.add(self)
 
@@ -353,7 +356,8 @@ class LocalEngine:
                                 socket_dir=self.socket_root / str(spec.revision_id),
                                 sandboxed=self.sandbox_mode == "bwrap")
         return Pool(spec=spec, layout=layout, settings=self.settings,
-                    on_log=lambda record, s=spec: self._on_log(s, record), use_zygote=self.use_zygote)
+                    on_log=lambda record, s=spec: self._on_log(s, record), use_zygote=self.use_zygote,
+                    cpu_throttle=self.cpu_throttle)
 
     def pool_for(self, revision_id: int) -> Pool | None:
         with self.pools_lock:
@@ -439,6 +443,8 @@ class LocalEngine:
             pools, self.pools = list(self.pools.values()), {}
         for pool in pools:
             pool.close()
+        if self.cpu_throttle is not None:
+            self.cpu_throttle.close()  # no instance is left stopped, whatever happened to its pool
         with self.log_changed:
             self.log_changed.notify_all()
         self.records.stop()

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from functions.engines.base import RevisionSpec
-from functions.engines.local import sandbox
+from functions.engines.local import cpu, sandbox
 from portal.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class Instance:
         self.ready: concurrent.futures.Future = concurrent.futures.Future()
         self.exited: concurrent.futures.Future = concurrent.futures.Future()
         self.exit_reason = ""
+        self.cpu_stats: dict | None = None  # the CPU throttle's counters, once the instance has exited
         # Keep-alive connections to the instance, each usable only on the event loop that opened it.
         self.idle_connections: list[tuple[asyncio.AbstractEventLoop, asyncio.StreamReader, asyncio.StreamWriter]] = []
 
@@ -243,6 +244,13 @@ class ZygoteLauncher:
     def kill(self, inst: Instance) -> None:
         self._send({"op": "kill", "id": inst.id})
 
+    def host_pid(self, inst: Instance) -> int | None:
+        """The instance's pid on this machine (the fork server reports its pid inside the sandbox)."""
+        process = self.process
+        if not self.pool.layout.sandboxed or inst.pid is None:
+            return inst.pid
+        return cpu.host_pid(inst.pid, under=process.pid) if process is not None else None
+
     def _stop_process(self) -> None:
         control, self.control = self.control, None
         if control is not None:
@@ -343,6 +351,9 @@ class ProcessLauncher:
                 else:
                     os.killpg(process.pid, signal.SIGKILL)
 
+    def host_pid(self, inst: Instance) -> int | None:
+        return inst.pid  # the process, or the sandbox's init (bubblewrap reports its host pid)
+
     def close(self) -> None:
         pass
 
@@ -394,8 +405,10 @@ def _describe_exit(code, spec: RevisionSpec) -> str:
 class Pool:
     """The instances of one revision."""
 
-    def __init__(self, *, spec: RevisionSpec, layout: sandbox.Layout, settings: dict, on_log, use_zygote: bool):
+    def __init__(self, *, spec: RevisionSpec, layout: sandbox.Layout, settings: dict, on_log, use_zygote: bool,
+                 cpu_throttle: cpu.CpuThrottle | None = None):
         self.spec = spec
+        self.cpu_throttle = cpu_throttle
         self.layout = layout
         self.socket_dir = layout.socket_dir
         self.settings = settings
@@ -547,8 +560,22 @@ class Pool:
             inst.state = READY
             inst.init_ms = (time.monotonic() - inst.launched_at) * 1000
             inst.last_used = time.monotonic()
+        self._throttle(inst)
         if not inst.ready.done():
             inst.ready.set_result(inst)
+
+    def _throttle(self, inst: Instance) -> None:
+        """Hold the instance to the revision's millicores (engine.py's CPU throttle, when on)."""
+        throttle = self.cpu_throttle
+        if throttle is None or not cpu.limited(self.spec.cpu_millicores, throttle.machine):
+            return
+        pid = self.launcher.host_pid(inst)
+        if pid is None:
+            log.warning("instance %s: no host pid, its CPU is not throttled", inst.id)
+            return
+        throttle.register(inst.id, pid, self.spec.cpu_millicores, in_flight=lambda: inst.busy > 0)
+        if inst.state == DEAD:  # exited meanwhile, before it was registered
+            inst.cpu_stats = throttle.unregister(inst.id)
 
     def instance_exited(self, inst: Instance, reason: str) -> None:
         launch = None
@@ -567,6 +594,9 @@ class Pool:
                 launch.busy = 1
                 if not self._hand_to_waiter_locked(launch):
                     launch.busy = 0
+        if self.cpu_throttle is not None:
+            # Continued if stopped: a killed process dies either way, one that lingers must not stay stopped.
+            inst.cpu_stats = self.cpu_throttle.unregister(inst.id)
         for loop, _, writer in connections:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(writer.close)

@@ -33,8 +33,10 @@ def main(user, tenant, requests: int = 2000) -> dict:
 
     print(f"== warm overhead ({requests} requests per run)")
     engine = use_engine(idle_seconds=600, queue_limit=1000)
-    # One instance that takes every request (unlimited concurrency), so both paths hit the same process.
-    _, revision = create_and_deploy(user, tenant, "warm", HELLO, concurrency=0, max_instances=1, min_instances=1)
+    # One instance that takes every request (unlimited concurrency), so both paths hit the same process;
+    # a whole-machine CPU setting, so the CPU throttle (a function's own limit) does not pace either path.
+    _, revision = create_and_deploy(user, tenant, "warm", HELLO, concurrency=0, max_instances=1, min_instances=1,
+                                    cpu_millicores=32000)
     pool = engine.pool_for(revision.pk)
     figures = {}
 

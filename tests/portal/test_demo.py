@@ -1,7 +1,7 @@
 import pytest
 from django.core.management import call_command
 
-from functions.models import Function
+from functions.models import Function, Sequence
 from tenancy.models import Membership, Tenant
 
 pytestmark = pytest.mark.django_db
@@ -14,7 +14,10 @@ def test_demo_is_created_once(capsys):
     tenant = Tenant.objects.get(slug="demo")
     assert set(Membership.objects.filter(tenant=tenant).values_list("role", flat=True)) == {
         "owner", "admin", "developer", "viewer"}
-    assert Function.objects.filter(tenant=tenant).count() == 5
+    assert Function.objects.filter(tenant=tenant).count() == 6
+    checkout = Sequence.objects.get(tenant=tenant, name="checkout")
+    assert [s.function.name for s in checkout.steps.order_by("position")] == ["prices", "receipt"]
     call_command("nimbus_demo", "--no-deploy")
-    assert Function.objects.filter(tenant=tenant).count() == 5
+    assert Function.objects.filter(tenant=tenant).count() == 6
+    assert Sequence.objects.filter(tenant=tenant).count() == 1
     assert Membership.objects.filter(tenant=tenant).count() == 4

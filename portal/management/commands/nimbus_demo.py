@@ -22,7 +22,24 @@ SAMPLES = [
     ("greet-node", Runtime.NODE, "hello", "Hello from Node.js", True),
     ("on-order", Runtime.PYTHON, "cloudevent", "Handles order CloudEvents", True),
     ("nightly-report", Runtime.PYTHON, "cron", "A scheduled job", True),
+    ("receipt", Runtime.PYTHON, None, "Turns a priced basket into a receipt (step 2 of the checkout sequence)", True),
 ]
+
+# Sources of the samples that no starter provides.
+SOURCES = {
+    "receipt": {"handler.py": """\
+def handle(event, context):
+    \"\"\"The second step of the demo's checkout sequence: the output of prices comes in as JSON.\"\"\"
+    priced = event.json() or {}
+    total = float(priced.get("total", 0))
+    vat = round(total * 0.2, 2)
+    context.logger.info("receipt for %s items", priced.get("items", 0))
+    return {"items": priced.get("items", 0), "net": total, "vat": vat, "gross": round(total + vat, 2),
+            "text": f"{priced.get('items', 0)} item(s): {total:.2f} + VAT {vat:.2f} = {total + vat:.2f}"}
+"""},
+}
+# The demo's sequence: a basket priced, then turned into a receipt.
+SEQUENCE = ("checkout", ["prices", "receipt"], "Prices a basket, then writes its receipt")
 
 
 class Command(BaseCommand):
@@ -74,7 +91,8 @@ class Command(BaseCommand):
             function = Function.objects.filter(tenant=tenant, name=name).first()
             if function is None:
                 function = function_create(acting_user=users["developer"], tenant=tenant, name=name,
-                                           runtime=runtime, starter=starter, description=description)
+                                           runtime=runtime, starter=starter, files=SOURCES.get(name),
+                                           description=description)
                 if name == "hello":
                     function_env_set(acting_user=users["developer"], function=function, name="GREETING",
                                      value="Hello")
@@ -82,6 +100,7 @@ class Command(BaseCommand):
                 to_deploy.append(function)
 
         self._ensure_triggers(tenant, users["developer"], saved)
+        self._ensure_sequence(tenant, users["developer"])
 
         credentials_file.parent.mkdir(parents=True, exist_ok=True)
         credentials_file.write_text("".join(f"{u} {p}\n" for u, p in saved.items()))
@@ -102,6 +121,15 @@ class Command(BaseCommand):
         self.stdout.write("Accounts (also in %s):" % credentials_file)
         for user, pw in lines:
             self.stdout.write(f"  {user:<16} {pw}")
+
+    def _ensure_sequence(self, tenant, developer) -> None:
+        from functions.models import Sequence
+        from functions.services_triggers import sequence_create
+
+        name, functions, description = SEQUENCE
+        if not Sequence.objects.filter(tenant=tenant, name=name).exists():
+            sequence_create(acting_user=developer, tenant=tenant, name=name, functions=functions,
+                            description=description)
 
     def _ensure_triggers(self, tenant, developer, saved: dict) -> None:
         """nightly-report runs every minute; on-order takes com.example.order.created events, which a

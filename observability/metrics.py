@@ -29,6 +29,10 @@ duration_seconds = Histogram(
 queue_seconds = Histogram(
     "nimbus_function_queue_seconds", "Time spent waiting for an instance (including a cold start).", LABELS,
     buckets=(0.001, 0.005, 0.025, 0.1, 0.25, 1, 2.5, 10, float("inf")), registry=registry)
+cpu_throttled_seconds_total = Counter(
+    "nimbus_function_cpu_throttled_seconds",
+    "Time the local engine held instances stopped for using more CPU than their millicores.", LABELS,
+    registry=registry)
 
 # Every series name the exposition can contain; the operator kit's tests check dashboards against it.
 SERIES = {
@@ -38,6 +42,7 @@ SERIES = {
     "nimbus_function_duration_seconds_count",
     "nimbus_function_queue_seconds_bucket", "nimbus_function_queue_seconds_sum",
     "nimbus_function_queue_seconds_count",
+    "nimbus_function_cpu_throttled_seconds_total",
 }
 
 
@@ -52,6 +57,10 @@ def observe(labels: dict, *, status: str, http_status: int | None, duration_ms: 
     gb_seconds_total.labels(**labels).inc(gb_seconds)
     duration_seconds.labels(**labels).observe(duration_ms / 1000)
     queue_seconds.labels(**labels).observe(queue_ms / 1000)
+
+
+def cpu_throttled(labels: dict, seconds: float) -> None:
+    cpu_throttled_seconds_total.labels(**labels).inc(seconds)
 
 
 def exposition() -> bytes:

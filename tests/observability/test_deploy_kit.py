@@ -34,6 +34,7 @@ def exposed_series() -> set[str]:
     labels = {"tenant": "kit", "namespace": "nimbus-kit", "function": "f", "service": "f", "revision": "f-00001"}
     metrics.observe(labels, status="error", http_status=500, duration_ms=3, queue_ms=1, cold_start=True,
                     gb_seconds=0.1)
+    metrics.cpu_throttled(labels, 0.25)
     names = set()
     for family in text_string_to_metric_families(metrics.exposition().decode()):
         names.update(sample.name for sample in family.samples)

@@ -160,6 +160,7 @@ class _Entry:
     stopped_at: float = 0.0
     stopped_pids: list[int] = field(default_factory=list)
     had_descendants: bool = False
+    on_throttled: Callable[[float], None] | None = None  # told each stop's length once it ends
     periods: int = 0
     throttled_periods: int = 0
     stopped_seconds: float = 0.0
@@ -180,7 +181,8 @@ class CpuThrottle:
         self.closed = False
         self.thread: threading.Thread | None = None
 
-    def register(self, key: str, pid: int, millicores: int, *, in_flight: Callable[[], bool] = lambda: True) -> bool:
+    def register(self, key: str, pid: int, millicores: int, *, in_flight: Callable[[], bool] = lambda: True,
+                 on_throttled: Callable[[float], None] | None = None) -> bool:
         """Throttle host process ``pid`` (and its descendants) to ``millicores``; False when that
         setting needs no throttling here (or the process is gone)."""
         if not limited(millicores, self.machine) or self.closed:
@@ -192,7 +194,7 @@ class CpuThrottle:
         with contextlib.suppress(OSError, AttributeError):
             pidfd = os.pidfd_open(pid)
         entry = _Entry(key=key, pid=pid, pidfd=pidfd, start_time=_start_time(pid), millicores=millicores,
-                       in_flight=in_flight, last_cpu=cpu, last_time=time.monotonic())
+                       in_flight=in_flight, last_cpu=cpu, last_time=time.monotonic(), on_throttled=on_throttled)
         with self.lock:
             old = self.entries.pop(key, None)
             if old is not None:
@@ -265,6 +267,11 @@ class CpuThrottle:
                 os.kill(pid, signal.SIGCONT)
         self._signal_root(entry, signal.SIGCONT)
         entry.stopped_seconds += now - entry.stopped_at
+        if entry.on_throttled is not None:
+            try:
+                entry.on_throttled(now - entry.stopped_at)
+            except Exception:  # noqa: BLE001 - a metric must never keep an instance stopped
+                log.exception("reporting a CPU throttle of %s failed", entry.key)
         entry.stopped_until = None
         entry.stopped_pids = []
         # The stop repaid the debt (decide() counted it); quota accrues again from now.

@@ -573,7 +573,14 @@ class Pool:
         if pid is None:
             log.warning("instance %s: no host pid, its CPU is not throttled", inst.id)
             return
-        throttle.register(inst.id, pid, self.spec.cpu_millicores, in_flight=lambda: inst.busy > 0)
+        from observability import identity, metrics
+
+        ref = self.spec.function
+        labels = {"tenant": ref.tenant, "namespace": identity.namespace_for(ref.tenant), "function": ref.name,
+                  "service": identity.service_for(ref.name), "revision": identity.revision_for(ref.name,
+                                                                                                self.spec.number)}
+        throttle.register(inst.id, pid, self.spec.cpu_millicores, in_flight=lambda: inst.busy > 0,
+                          on_throttled=lambda seconds: metrics.cpu_throttled(labels, seconds))
         if inst.state == DEAD:  # exited meanwhile, before it was registered
             inst.cpu_stats = throttle.unregister(inst.id)
 

@@ -161,6 +161,13 @@ def test_busy_handler_is_held_to_its_millicores(engine, deploy, gateway):
     assert stats["stopped_seconds"] > 0
     # 200m: about a fifth of the call's duration; clearly below the whole of it.
     assert used < 0.6 * duration, (used, duration)
+    # Operators see it in /metrics: the stops that ended so far, under the function's labels.
+    from observability import metrics
+
+    exposed = metrics.registry.get_sample_value("nimbus_function_cpu_throttled_seconds_total", {
+        "tenant": "acme", "namespace": "nimbus-acme", "function": "burner", "service": "burner",
+        "revision": f"burner-{revision.number:05d}"})
+    assert exposed is not None and exposed > 0
     print(f"200m: cpu {used:.3f} s over {duration:.3f} s, ratio {used / duration:.2f}, {stats}")
 
 

@@ -161,9 +161,11 @@ def _show_output(body) -> str:
     return text if len(text) <= OUTPUT_CHARS else text[:OUTPUT_CHARS] + "\n… (cut)"
 
 
-def _with_outputs(tenant, runs: list[Run]) -> None:
-    """Give each succeeded run its output, read in one query."""
-    last = {run.steps[-1][1].pk: run for run in runs if run.state == "succeeded"}
+def _with_outputs(tenant, runs: list[Run], visible: set[int]) -> None:
+    """Give each succeeded run its output, read in one query — only where the user may see the last
+    step's function (its answer is that function's data, like its logs)."""
+    last = {run.steps[-1][1].pk: run for run in runs
+            if run.state == "succeeded" and run.steps[-1][0].function_id in visible}
     for pk, body in delivery_results(tenant, last).items():
         last[pk].output = _show_output(body)
 
@@ -240,8 +242,8 @@ def sequence_detail(request, tenant, name):
     steps = list(sequence.steps.all())
     page = Paginator(sequence_runs(sequence), RUNS_PAGE_SIZE).get_page(request.GET.get("page"))
     runs = _runs(tenant, {sequence.pk: steps}, [{**row, "sequence_id": sequence.pk} for row in page.object_list])
-    _with_outputs(tenant, runs)
     visible = set(functions_for_user(request.user, tenant=tenant).values_list("pk", flat=True))
+    _with_outputs(tenant, runs, visible)
     return render(request, "functions/sequence.html", tenant_context(
         request.user, tenant, "sequences", sequence=sequence, steps=steps, page=page, runs=runs,
         run_form=run_form, can_manage=_can_manage(request, tenant), visible_functions=visible,

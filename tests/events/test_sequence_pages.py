@@ -329,3 +329,31 @@ def test_the_page_follows_a_run_until_it_settles(live_server, engine, deploy, me
         finally:
             browser.close()
             connections.close_all()
+
+
+@pytest.mark.django_db
+def test_a_run_output_is_shown_only_to_those_who_may_see_the_last_function(sequence, members, tenant):
+    """The output is the last step's answer: hidden, like its logs, from a member who may not view
+    that function (here the viewers' group lost its grant on "double")."""
+    from guardian.shortcuts import remove_perm
+
+    from functions.models import Function
+    from tenancy.services import role_group
+
+    developer = members["developer"]
+    run = sequence_start(acting_user=developer, sequence=sequence, body=b'{"n": 1}')
+    from functions.triggers import queue
+
+    steps = {s.position: s.function for s in sequence.steps.all()}
+    Delivery.objects.filter(pk=run.pk).update(state="succeeded", attempts=1, result_status=200)
+    for position in (1, 2):
+        later = queue.enqueue(function=steps[position], source="sequence", sequence=sequence, step=position,
+                              run_id=run.run_id)
+        Delivery.objects.filter(pk=later.pk).update(state="succeeded", attempts=1, result_status=200,
+                                                    result_body=b'{"n": 6}')
+    shown = client_for(developer).get("/t/acme/sequences/math/").content.decode()
+    assert "<summary>Output</summary>" in shown and "&quot;n&quot;: 6" in shown
+    remove_perm("functions.view_function", role_group(tenant, "viewer"), Function.objects.get(name="double"))
+    hidden = client_for(members["viewer"]).get("/t/acme/sequences/math/").content.decode()
+    assert f'id="run-{run.run_id}"' in hidden and ">succeeded<" in hidden
+    assert "<summary>Output</summary>" not in hidden and "&quot;n&quot;: 6" not in hidden

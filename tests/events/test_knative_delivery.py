@@ -62,6 +62,7 @@ def test_async_call_is_accepted_then_delivered_over_http(knative, service, deplo
     assert (row.state, row.attempts, row.result_status) == ("succeeded", 1, 200)
     answer = json.loads(bytes(row.result_body))
     assert answer["path"] == "/jobs" and answer["body"] == '{"n": 1}' and answer["trigger"] == "async"
+    assert (answer["delivery"], answer["attempt"]) == (delivery_id, "1")  # the worker's, passed through
     knative.records.flush()
     invocation = Invocation.objects.get(pk=row.invocation_id)
     assert (invocation.trigger, invocation.status, invocation.revision_id) == ("async", "success", revision.pk)

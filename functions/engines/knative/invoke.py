@@ -43,7 +43,9 @@ DEFAULT_TIMEOUT_MARGIN = 5.0
 CONNECTIONS = 256  # kept-alive connections to Services, across all functions
 KEEPALIVE_SECONDS = 30.0
 HOP = {name.decode() for name in HOP_HEADERS}
-NOT_FORWARDED = HOP | {"traceparent", "x-nimbus-invocation-id", TEST_SIGNATURE_HEADER.decode()}
+NOT_FORWARDED = HOP | {"traceparent", "x-nimbus-invocation-id", "x-nimbus-trigger", TEST_SIGNATURE_HEADER.decode()}
+# Said by the delivery worker only: a direct call through the gateway may not claim to be a delivery.
+DELIVERY_ONLY = {"x-nimbus-delivery-id", "x-nimbus-attempt"}
 # The shim's report on its instance (cold start, handler time) goes into the record; the caller gets
 # the portal's own X-Nimbus-Cold-Start and X-Nimbus-Duration-Ms.
 INSTANCE_REPORT = set(INSTANCE_REPORT_HEADERS)
@@ -309,7 +311,8 @@ async def respond(engine, scope, send, route: KnativeRoute, target, tag: str | N
     """Answer one authorised gateway request (functions/engines/local/gateway.py did the parsing,
     auth, body limit and async hand-off) by calling the function's Service."""
     forward = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers
-               if not (k == b"authorization" and route.invoke_auth == "token")]
+               if not (k == b"authorization" and route.invoke_auth == "token")
+               and k.decode("latin-1") not in DELIVERY_ONLY]
     client_addr = scope.get("client")
     if client_addr:
         forward.append(("X-Forwarded-For", str(client_addr[0])))

@@ -36,6 +36,11 @@ HOP_HEADERS = {b"connection", b"keep-alive", b"transfer-encoding", b"upgrade", b
 INSTANCE_REPORT_HEADERS = ("x-nimbus-cold-start", "x-nimbus-init-ms", "x-nimbus-handler-ms")
 NOT_PASSED_ON = frozenset(("x-nimbus-invocation-id", "x-nimbus-revision", *INSTANCE_REPORT_HEADERS))
 # Identifiers need to be unique, not secret; os.urandom costs ~70 µs a call on some VMs.
+# What a caller may not pass on to the handler: hop-by-hop headers, and what the platform itself
+# says (the trace, the invocation, the trigger, a queued delivery's id and attempt, the IDE's signature).
+PLATFORM_HEADERS = {b"traceparent", b"x-nimbus-invocation-id", b"x-nimbus-trigger", b"x-nimbus-delivery-id",
+                    b"x-nimbus-attempt"}
+NOT_FORWARDED = HOP_HEADERS | PLATFORM_HEADERS | {TEST_SIGNATURE_HEADER}
 _random = random.Random()
 _token_cache: dict[str, tuple[float, int | None, bool]] = {}
 
@@ -301,12 +306,12 @@ async def _attempt(engine, send, route, target, pool, headers, body, scope, sub_
         return
     init_ms = inst.init_ms if cold else 0.0
     forward = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers
-               if k not in HOP_HEADERS and k != b"traceparent" and k != b"x-nimbus-invocation-id"
-               and k != TEST_SIGNATURE_HEADER and not (k == b"authorization" and route.invoke_auth == "token")]
+               if k not in NOT_FORWARDED and not (k == b"authorization" and route.invoke_auth == "token")]
     client_addr = scope.get("client")
     if client_addr:
         forward.append(("X-Forwarded-For", str(client_addr[0])))
-    forward += [("X-Nimbus-Invocation-Id", str(invocation_id)), ("traceparent", traceparent)]
+    forward += [("X-Nimbus-Invocation-Id", str(invocation_id)), ("X-Nimbus-Trigger", "http"),
+                ("traceparent", traceparent)]
     query = scope.get("query_string", b"").decode("latin-1")
     raw_path = scope.get("raw_path")
     if raw_path:

@@ -68,7 +68,7 @@ async def _call(engine, route, target, *, method: str, path: str, headers, body:
     init_ms = inst.init_ms if cold else 0.0
     forward = [(k, v) for k, v in headers
                if k.lower().encode("latin-1") not in HOP_HEADERS
-               and k.lower() not in ("traceparent", "x-nimbus-invocation-id", "authorization")]
+               and k.lower() not in ("traceparent", "x-nimbus-invocation-id", "x-nimbus-trigger", "authorization")]
     forward += [("X-Nimbus-Invocation-Id", str(invocation_id)), ("X-Nimbus-Trigger", trigger),
                 ("traceparent", traceparent)]
     timeout = pool.spec.timeout_seconds

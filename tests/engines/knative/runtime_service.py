@@ -33,6 +33,7 @@ def handle(event, context):
             "authorization": event.headers.get("authorization"),
             "traceparent": event.headers.get("traceparent"),
             "invocation": event.headers.get("x-nimbus-invocation-id"),
+            "delivery": event.headers.get("x-nimbus-delivery-id"), "attempt": event.headers.get("x-nimbus-attempt"),
             "cloudevent": event.cloudevent}
 '''
 

@@ -243,3 +243,15 @@ def test_the_tenant_concurrency_quota_holds_on_knative_too(knative, service, dep
     assert refused.status == 429 and refused.json()["code"] == "tenant_concurrency"
     assert (queued.status, queued.outcome, queued.retryable) == (429, "rejected", True)
     assert portal.request("GET", "/fn/acme/hello/").status == 200
+
+
+def test_callers_cannot_speak_for_the_platform_on_knative(knative, service, deploy_on_knative, portal):
+    deploy_on_knative("hello")
+    response = portal.request("GET", "/fn/acme/hello/", headers={
+        "X-Nimbus-Trigger": "cron", "X-Nimbus-Delivery-Id": "6d0c3f0e-0000-4000-8000-000000000000",
+        "X-Nimbus-Attempt": "9", "X-Nimbus-Invocation-Id": "forged"})
+    assert response.status == 200
+    seen = response.json()
+    assert seen["trigger"] == "http"
+    assert seen["delivery"] is None and seen["attempt"] is None
+    assert seen["invocation"] == response.headers["x-nimbus-invocation-id"] != "forged"

@@ -354,3 +354,25 @@ def test_replaced_revision_stops_once_traffic_moves(engine, deploy, gateway, mem
 
     assert wait_for(lambda: old_pool.closed)  # its zygote and instances are gone
     assert not old_pool.launcher.alive
+
+
+HEADERS_SEEN = """
+def handle(event, context):
+    return {name: event.headers.get(name) for name in (
+        "x-nimbus-trigger", "x-nimbus-delivery-id", "x-nimbus-attempt", "x-nimbus-invocation-id", "x-custom")}
+"""
+
+
+def test_callers_cannot_speak_for_the_platform(engine, deploy, gateway):
+    """Headers the platform sets (trigger, queued delivery id and attempt, invocation id) come from
+    the platform only: a caller's own values are dropped, other headers pass."""
+    deploy("headers", {"handler.py": HEADERS_SEEN})
+    response = gateway.get("/fn/acme/headers/", headers={
+        "X-Nimbus-Trigger": "cron", "X-Nimbus-Delivery-Id": "6d0c3f0e-0000-4000-8000-000000000000",
+        "X-Nimbus-Attempt": "9", "X-Nimbus-Invocation-Id": "forged", "X-Custom": "kept"})
+    assert response.status == 200
+    seen = response.json()
+    assert seen["x-nimbus-trigger"] == "http"
+    assert seen["x-nimbus-delivery-id"] is None and seen["x-nimbus-attempt"] is None
+    assert seen["x-nimbus-invocation-id"] == response.headers["x-nimbus-invocation-id"] != "forged"
+    assert seen["x-custom"] == "kept"

@@ -203,18 +203,32 @@ class Worker:
 
     async def _pull_logs(self) -> None:
         """Every ``log_pull_seconds``, bring in the function log lines of an engine that does not
-        deliver them itself (Knative's pods; base.LogPulling). In the DB executor: a pass does
-        database work and blocking HTTP."""
+        deliver them itself (Knative's pods; base.LogPulling). On a thread of its own: a pass does
+        database work and blocking HTTP, and deliveries must not wait behind it."""
         pull = getattr(self.engine, "pull_logs", None)
         interval = float(getattr(self.engine, "log_pull_seconds", 0) or 0)
         if pull is None or interval <= 0:
             return
-        while True:
+        executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nimbus-worker-logs")
+
+        def one_pass():
+            close_old_connections()
             try:
-                await self._db(pull)
-            except Exception:  # noqa: BLE001 - the next pass tries again
-                log.exception("pulling function logs failed")
-            await asyncio.sleep(interval)
+                return pull()
+            finally:
+                connections.close_all()  # this thread's only: nothing stays open between passes
+
+        try:
+            while True:
+                try:
+                    await asyncio.get_running_loop().run_in_executor(executor, one_pass)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # noqa: BLE001 - the next pass tries again
+                    log.exception("pulling function logs failed")
+                await asyncio.sleep(interval)
+        finally:
+            executor.shutdown(wait=False)
 
     # ---- one delivery -------------------------------------------------------------------------------
 

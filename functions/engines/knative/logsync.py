@@ -106,7 +106,11 @@ class LogSync:
                 budget -= len(read)
                 listed.update(marks)
             if read or self.pending.get(function.function_id):
-                stored += self.store(function.function_id, read)
+                try:
+                    stored += self.store(function.function_id, read)
+                except Exception:  # noqa: BLE001 - that function's lines are read again next pass
+                    log.exception("storing the log lines of %s/%s failed", function.tenant, function.name)
+                    continue
             # Only now: lines read but not stored (a database error) are read again next pass.
             self.last_read.update(marks)
         self._forget(listed)
@@ -151,15 +155,20 @@ class LogSync:
             previous = self.last_read.get(key)
             since = self.window_seconds if previous is None else min(
                 self.window_seconds, math.ceil(started - previous) + OVERLAP_SECONDS)
+            room = budget - len(lines)
             try:
                 # A pod that went away answers 404, which the client reads as an empty log.
                 text = self.client.pod_log(namespace, pod_name, container=names.USER_CONTAINER,
-                                           since_seconds=since, tail_lines=budget - len(lines))
+                                           since_seconds=since, tail_lines=room)
             except EngineError as exc:
                 log.warning("reading the log of pod %s/%s failed: %s", namespace, pod_name, exc)
                 continue
-            marks[key] = started
-            for raw in text.splitlines():
+            raw_lines = text.splitlines()
+            if len(raw_lines) < room:
+                marks[key] = started
+            # else: the budget cut the read to its newest lines; the mark stays, so the next pass
+            # reads this pod from where it was (what this pass stored is not stored twice).
+            for raw in raw_lines:
                 line = parse_log_line(raw, revision=None, instance=pod_name)
                 # The shim's start-up lines belong to no invocation.
                 if line is not None and line.invocation_id:
@@ -169,8 +178,6 @@ class LogSync:
     def store(self, function_id: int, lines: list) -> int:
         """Insert the lines (and the waiting ones) whose invocation is a recorded invocation of the
         function, leaving out what is stored already. Three queries, however many lines."""
-        from functions.models import Invocation, InvocationLog
-
         now = time.monotonic()
         wanted: dict[Key, _Pending] = {}
         for line in lines:
@@ -194,6 +201,22 @@ class LogSync:
                 current.count, current.since = max(current.count, entry.count), entry.since
         if not wanted:
             return 0
+        try:
+            rows, owners = self._insert(function_id, wanted)
+        except Exception:
+            if waiting:
+                self.pending[function_id] = waiting  # read in earlier passes: not to be lost
+            raise
+        # No record yet: wait for it. A record of another function: a line that lies about its
+        # invocation (the function's code writes these lines), dropped.
+        self._hold(function_id, {key: entry for key, entry in wanted.items() if key[0] not in owners}, now)
+        return len(rows)
+
+    def _insert(self, function_id: int, wanted: dict[Key, _Pending]) -> tuple[list, dict]:
+        """Store the wanted lines of recorded invocations of the function that are not stored yet;
+        (the rows inserted, {invocation id: its function id} for the invocations found)."""
+        from functions.models import Invocation, InvocationLog
+
         invocation_ids = sorted({key[0] for key in wanted})
         with transaction.atomic():
             # Locking the invocations (PostgreSQL) orders concurrent pulls of the same lines: the
@@ -216,10 +239,7 @@ class LogSync:
                                                   message=key[2]))
                 if rows:
                     InvocationLog.objects.bulk_create(rows)
-        # No record yet: wait for it. A record of another function: a line that lies about its
-        # invocation (the function's code writes these lines), dropped.
-        self._hold(function_id, {key: entry for key, entry in wanted.items() if key[0] not in owners}, now)
-        return len(rows)
+        return rows, owners
 
     # ---- memory bounds ------------------------------------------------------------------------------
 

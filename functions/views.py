@@ -55,7 +55,7 @@ from functions.services import (
     revision_rollback,
 )
 from portal.errors import NimbusError, NotFound, PermissionDenied
-from portal.views import form_error_from, nimbus_page
+from portal.views import nimbus_page, refusal_on
 from tenancy.permissions import SHARE_LEVELS
 from tenancy.views import tenant_context, tenant_page
 
@@ -73,14 +73,9 @@ def function_list(request, tenant):
     if request.method == "POST":
         if create_form.is_valid():
             data = create_form.cleaned_data
-            try:
+            with refusal_on(create_form):
                 function = function_create(acting_user=user, tenant=tenant, name=data["name"],
                                            runtime=data["runtime"], starter=data["starter"])
-            except PermissionDenied:
-                raise
-            except NimbusError as exc:
-                form_error_from(create_form, exc)
-            else:
                 messages.success(request, f"Function {function.name} created from the {data['starter']} starter.")
                 return redirect("function_detail", tenant=tenant.slug, function=function.name)
     # Its own ids: the create form beside it has a "runtime" field too.
@@ -212,16 +207,11 @@ def function_config(request, function):
     if request.method == "POST":
         _require(request, function, "change")
         if form.is_valid():
-            try:
+            with refusal_on(form):
                 function_update(acting_user=request.user, function=function, **form.cleaned_data)
-            except PermissionDenied:
-                raise
-            except NimbusError as exc:
-                form_error_from(form, exc)
-                function.refresh_from_db()
-            else:
                 messages.success(request, "Configuration saved. Instance settings apply from the next deploy.")
                 return _back(function, "function_config")
+            function.refresh_from_db()  # refused: show the saved configuration beside the errors
     return render(request, "functions/config.html", function_context(request, function, "config", form=form))
 
 
@@ -271,14 +261,9 @@ def function_deploy_view(request, function):
     _require(request, function, "deploy")
     form = DeployForm(request.POST)
     if form.is_valid():
-        try:
+        with refusal_on(form):
             revision = function_deploy(acting_user=request.user, function=function,
                                        message=form.cleaned_data["message"], promote=form.cleaned_data["promote"])
-        except PermissionDenied:
-            raise
-        except NimbusError as exc:
-            form_error_from(form, exc)
-        else:
             messages.success(request, f"Revision {revision.number} is deploying.")
             return _back(function, "function_revisions")
     return render(request, "functions/revisions.html",
@@ -344,13 +329,8 @@ def function_env(request, function):
         form = EnvVarForm(request.POST, prefix="env") if kind == "env" else SecretForm(request.POST, prefix="secret")
         service = function_env_set if kind == "env" else function_secret_set
         if form.is_valid():
-            try:
+            with refusal_on(form):
                 service(acting_user=request.user, function=function, **form.cleaned_data)
-            except PermissionDenied:
-                raise
-            except NimbusError as exc:
-                form_error_from(form, exc)
-            else:
                 label = "Variable" if kind == "env" else "Secret"
                 messages.success(request, f"{label} {form.cleaned_data['name']} saved; it applies from the next deploy.")
                 return _back(function, "function_env")
@@ -399,13 +379,8 @@ def function_sharing(request, function):
     if request.method == "POST":
         _require(request, function, "share")
         if form.is_valid():
-            try:
+            with refusal_on(form):
                 function_share(acting_user=request.user, function=function, **form.cleaned_data)
-            except PermissionDenied:
-                raise
-            except NimbusError as exc:
-                form_error_from(form, exc)
-            else:
                 messages.success(request, f"{form.cleaned_data['username']} now has {form.cleaned_data['level']} "
                                           f"access to {function.name}.")
                 return _back(function, "function_sharing")
@@ -445,13 +420,8 @@ def function_delete_view(request, function):
     form = DeleteFunctionForm(request.POST or None, function=function)
     if request.method == "POST" and form.is_valid():
         tenant_slug = function.tenant.slug
-        try:
+        with refusal_on(form):
             function_delete(acting_user=request.user, function=function)
-        except PermissionDenied:
-            raise
-        except NimbusError as exc:
-            form_error_from(form, exc)
-        else:
             messages.success(request, f"Function {form.cleaned_data['confirm_name']} is deleted.")
             return redirect("tenant_functions", tenant=tenant_slug)
     return render(request, "functions/delete.html", function_context(request, function, "delete", form=form),

@@ -23,7 +23,7 @@ from functions.selectors import (
     sequences_last_run_ids,
 )
 from portal.errors import NimbusError, PermissionDenied
-from portal.views import form_error_from
+from portal.views import refusal_on
 from tenancy.forms import BootstrapForm
 from tenancy.selectors import user_can_tenant
 from tenancy.views import tenant_context, tenant_page
@@ -189,14 +189,9 @@ def sequence_list(request, tenant):
         _require_manage(request, tenant)
         if create_form.is_valid():
             data = create_form.cleaned_data
-            try:
+            with refusal_on(create_form):
                 sequence = services.sequence_create(acting_user=request.user, tenant=tenant, name=data["name"],
                                                     functions=data["functions"], description=data["description"])
-            except PermissionDenied:
-                raise
-            except NimbusError as exc:
-                form_error_from(create_form, exc)
-            else:
                 messages.success(request, f"Sequence {sequence.name} created with {len(data['functions'])} steps.")
                 return redirect("tenant_sequence", tenant=tenant.slug, name=sequence.name)
     filters = SequenceFilterForm(request.GET or None)
@@ -229,14 +224,9 @@ def sequence_detail(request, tenant, name):
     if request.method == "POST":
         _require_manage(request, tenant)
         if run_form.is_valid():
-            try:
+            with refusal_on(run_form):
                 delivery = services.sequence_start(acting_user=request.user, sequence=sequence,
                                                    body=run_form.cleaned_data["input"])
-            except PermissionDenied:
-                raise
-            except NimbusError as exc:
-                form_error_from(run_form, exc)
-            else:
                 messages.success(request, f"Run {delivery.run_id} queued; its steps appear below as they run.")
                 return redirect("tenant_sequence", tenant=tenant.slug, name=sequence.name)
     steps = list(sequence.steps.all())

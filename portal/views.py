@@ -1,6 +1,7 @@
 """The portal's own pages (login, dashboard, health) and the one place where page views turn the
 domain's refusals into HTTP answers (``nimbus_page``) or form errors (``form_error_from``)."""
 
+from contextlib import contextmanager
 from functools import wraps
 
 from django.conf import settings
@@ -51,6 +52,19 @@ def form_error_from(form, exc: NimbusError) -> None:
     """Put a service's refusal on the field it names when the form has that field, else on top."""
     field = exc.field if exc.field in form.fields else None
     form.add_error(field, exc.message)
+
+
+@contextmanager
+def refusal_on(form):
+    """Around a form's service call and its success answer: a refusal (NimbusError) ends the block
+    and lands on the form, so the view goes on to show the form again; PermissionDenied goes on up
+    (nimbus_page answers 403)."""
+    try:
+        yield
+    except PermissionDenied:
+        raise
+    except NimbusError as exc:
+        form_error_from(form, exc)
 
 
 class LoginView(auth_views.LoginView):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import threading
 
+from functions.engines.base import InvokeResult
+
 
 class TenantSlots:
     """In-flight calls per tenant. Used from the gateway's event loop and the worker's, hence the lock."""
@@ -42,8 +44,6 @@ class TenantSlots:
 async def routed_call(engine, tenant: str, name: str, tag: str, call):
     """A queued call's common part on either engine: route it (404 "unavailable" when nothing
     serves), hold a slot of its tenant (429 "rejected" at the quota) and run ``call(route, target)``."""
-    from functions.engines.base import InvokeResult
-
     route = await engine.routes.aget(tenant, name)
     if route is None or route.offline:
         return InvokeResult(404, outcome="unavailable", error=f"{tenant}/{name} is not deployed or is offline")

@@ -17,8 +17,6 @@ from functions.engines.local.gateway import EXIT_REASON_WAIT, HOP_HEADERS, INSTA
 from functions.engines.local.instances import InstanceFailed, PoolClosed, Saturated
 from functions.engines.local.routes import with_own_connection
 
-__all__ = ["InvokeResult", "invoke"]  # InvokeResult lives in engines/base.py; imported from here too
-
 
 async def invoke(engine, *, tenant: str, name: str, tag: str = "", method: str = "POST", path: str = "/",
                  headers: list[tuple[str, str]] | None = None, body: bytes = b"", trigger: str = "async",

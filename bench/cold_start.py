@@ -56,9 +56,9 @@ def main(user, tenant, trials: int = 100) -> dict:
         print(f"  {label:38s} {summary(samples)}")
         figures[label] = samples
     for sandbox_mode in ("bwrap", "none"):
-        from functions.engines.local.sandbox import bwrap_works
+        from functions.engines.local.sandbox import bwrap_problem
 
-        if sandbox_mode == "bwrap" and not bwrap_works():
+        if sandbox_mode == "bwrap" and bwrap_problem():
             print("  (bubblewrap not usable here: sandboxed figures skipped)")
             continue
         engine = use_engine(sandbox_mode=sandbox_mode, idle_seconds=600)

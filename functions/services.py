@@ -17,7 +17,7 @@ from django.utils import timezone
 from guardian.shortcuts import assign_perm, remove_perm
 
 from functions import crypto
-from functions.engines import get_engine
+from functions.engines import envpolicy, get_engine
 from functions.engines.base import DeployEvent, FunctionRef, RevisionSpec, TenantSpec, TrafficSpec
 from functions.events import publish_function_event
 from functions.models import EnvVar, Function, Revision, Runtime, Secret, SourceFile, TrafficTarget
@@ -44,7 +44,6 @@ User = get_user_model()
 CONFIG_FIELDS = ("runtime", "handler", "description", "memory_mb", "cpu_millicores", "gpus", "timeout_seconds",
                  "concurrency", "min_instances", "max_instances", "invoke_auth", "allow_egress", "debug")
 # Fields that only shape what the next deploy runs; the others (description) apply at once.
-RESERVED_ENV = re.compile(r"^(PORT|HOME|PATH|K_[A-Z_]+|NIMBUS_[A-Z0-9_]*|KUBERNETES_[A-Z0-9_]*)$")
 PATH_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 DEFAULT_HANDLER = {Runtime.PYTHON: "handler.handle", Runtime.NODE: "handler.handle"}
 HANDLER_FILE_SUFFIX = {Runtime.PYTHON: ".py", Runtime.NODE: ".js"}
@@ -341,10 +340,12 @@ def _announce_save(function: Function, user, version: int, paths: list[str]) -> 
 # ---- environment and secrets ----------------------------------------------------------------
 
 def _validate_env_name(name: str) -> None:
-    if not re.match(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$", name or ""):
+    # fullmatch: with match, "$" also accepts a trailing newline ("PATH\n" would pass both checks).
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", name or ""):
         raise ValidationFailed(f"'{name}' is not a valid variable name.", field="name")
-    if RESERVED_ENV.match(name):
-        raise ValidationFailed(f"'{name}' is reserved by the platform.", field="name")
+    reason = envpolicy.refusal(name)
+    if reason:
+        raise ValidationFailed(reason, field="name")
 
 
 def function_env_set(*, acting_user, function: Function, name: str, value: str) -> EnvVar:
@@ -431,7 +432,8 @@ def function_unshare(*, acting_user, function: Function, username: str) -> None:
 # ---- deploy, traffic, rollback --------------------------------------------------------------
 
 def function_ref(function: Function) -> FunctionRef:
-    return FunctionRef(tenant=function.tenant.slug, name=function.name, function_id=function.pk)
+    return FunctionRef(tenant=function.tenant.slug, name=function.name, function_id=function.pk,
+                       tenant_id=function.tenant_id)
 
 
 def content_hash(files: dict[str, str]) -> str:

@@ -223,7 +223,17 @@ NIMBUS_LOCAL = {
     "SOCKET_DIR": Path(os.environ.get("NIMBUS_SOCKET_DIR", "/tmp/nimbus-sockets")),
     "IDLE_SECONDS": float(os.environ.get("NIMBUS_LOCAL_IDLE_SECONDS", "60")),
     "QUEUE_LIMIT": int(os.environ.get("NIMBUS_LOCAL_QUEUE_LIMIT", "100")),
-    "SANDBOX": os.environ.get("NIMBUS_LOCAL_SANDBOX", "auto"),  # auto | bwrap | none
+    # bwrap (required to work) | none (functions NOT isolated: a warning at start and on every page).
+    "SANDBOX": os.environ.get("NIMBUS_LOCAL_SANDBOX", "bwrap"),
+    # Each tenant's processes run as host uid/gid BASE + (tenant id mod COUNT) when the portal is root.
+    "SANDBOX_UID_BASE": int(os.environ.get("NIMBUS_SANDBOX_UID_BASE", "200000")),
+    "SANDBOX_UID_COUNT": int(os.environ.get("NIMBUS_SANDBOX_UID_COUNT", "65536")),
+    # auto (cgroups where writable, else rlimits) | cgroup (required) | rlimit.
+    "RESOURCES": os.environ.get("NIMBUS_LOCAL_RESOURCES", "auto"),
+    # Private ranges (CIDRs) functions with egress, and dependency installers, may reach.
+    "EGRESS_ALLOW_CIDRS": env_list("NIMBUS_EGRESS_ALLOW_CIDRS", ""),
+    # The interpreter Python functions run on (empty: the portal's, or the system's when that is private).
+    "PYTHON": os.environ.get("NIMBUS_LOCAL_PYTHON", ""),
     "MAX_BODY_BYTES": int(os.environ.get("NIMBUS_MAX_BODY_BYTES", str(6 * 1024 * 1024))),
     # Invocation records kept: the newest N per function, none older than D days.
     "RETENTION": {"MAX_PER_FUNCTION": int(os.environ.get("NIMBUS_RETENTION_PER_FUNCTION", "1000")),

@@ -5,6 +5,8 @@ import tempfile
 
 os.environ.setdefault("NIMBUS_TESTING", "1")
 os.environ.setdefault("NIMBUS_DATA_DIR", tempfile.mkdtemp(prefix="nimbus-test-"))
+# The tenants' sandbox uids reach their code through this folder (searchable, not listable).
+os.chmod(os.environ["NIMBUS_DATA_DIR"], 0o711)
 
 from portal.settings import *  # noqa: E402,F403
 

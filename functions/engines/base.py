@@ -27,6 +27,7 @@ class FunctionRef:
     tenant: str
     name: str
     function_id: int
+    tenant_id: int = 0  # the local engine runs each tenant's processes as a host uid of its own
 
 
 @dataclass(frozen=True)

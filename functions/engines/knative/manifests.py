@@ -11,6 +11,7 @@ import base64
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from functions.engines import envpolicy
 from functions.engines.base import RevisionSpec, TenantSpec, TrafficSpec
 from portal.errors import EngineError, InvalidSource
 
@@ -245,15 +246,19 @@ def container_env(spec: RevisionSpec, config: KnativeConfig) -> list[dict]:
         "NIMBUS_MEMORY_MB": str(spec.memory_mb),
     }
     env = [{"name": name, "value": value} for name, value in platform.items()]
+    # The services refuse these names already; dropping them here too keeps rows written before
+    # the policy, or around the services, out of the container.
+    own_env, _ = envpolicy.allowed(spec.env)
+    own_secrets, _ = envpolicy.allowed(spec.secrets)
 
     def allowed(name: str) -> bool:
         return name not in RESERVED_ENV and name not in platform
 
-    env += [{"name": name, "value": value} for name, value in sorted(spec.env.items())
+    env += [{"name": name, "value": value} for name, value in sorted(own_env.items())
             if allowed(name) and name not in spec.secrets]
     secret_name = names.secret(spec.function.name, spec.number)
     env += [{"name": name, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": name}}}
-            for name in sorted(spec.secrets) if allowed(name)]
+            for name in sorted(own_secrets) if allowed(name)]
     return env
 
 

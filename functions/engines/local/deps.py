@@ -3,11 +3,13 @@ into the shared cache; an unchanged file costs nothing on the next deploy."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import os
 import shutil
+import signal
 import subprocess
-import sys
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from functions.engines.local import sandbox
 from portal.errors import EngineError
 
 INSTALL_TIMEOUT = 600
+_build_numbers = itertools.count(1)
 _locks: dict[str, threading.Lock] = {}
 _locks_guard = threading.Lock()
 
@@ -46,19 +49,23 @@ def _meaningful(runtime: str, text: str) -> bool:
 
 @dataclass(frozen=True)
 class Installer:
-    """Where installers run: inside bubblewrap when the engine sandboxes (a requirements file can run
-    code: setup.py, npm scripts), seeing only the target folder, the manifest, the interpreter and the
-    operator's local package folders (``NIMBUS_LOCAL["DEPS_LOCAL_DIRS"]``), with network."""
+    """Where installers run (a requirements file can run code: setup.py, npm scripts): the tenant's own
+    sandbox, identity and cgroup, with filtered egress (the package index, never the host), seeing only
+    the target folder, the manifest, the interpreter and the operator's local package folders
+    (``NIMBUS_LOCAL["DEPS_LOCAL_DIRS"]``)."""
 
     sandboxed: bool = False
     local_dirs: tuple[str, ...] = ()
+    python: str = ""
+    memory_mb: int = 1024
 
 
 def ensure_deps(runtime: str, files: dict[str, str], cache_dir: Path,
-                installer: Installer = Installer()) -> DepsResult:
+                installer: Installer = Installer(), isolation: sandbox.Isolation | None = None) -> DepsResult:
     """Install the revision's dependencies unless the cache already holds them.
 
-    Raises EngineError carrying the installer's output when installation fails.
+    ``cache_dir`` is the tenant's own (installs are never shared between tenants). Raises EngineError
+    carrying the installer's output when installation fails.
     """
     name = manifest_name(runtime)
     text = files.get(name)
@@ -73,17 +80,35 @@ def ensure_deps(runtime: str, files: dict[str, str], cache_dir: Path,
             return DepsResult(path=target, cached=True, manifest=name)
         target.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{key[:12]}-", dir=target.parent))
+        identity = isolation.identity if isolation is not None else None
         try:
+            if identity is not None:
+                os.chown(work, identity.uid, identity.gid)
             if kind == "python":
-                output = _pip_install(text, work, installer)
+                output = _pip_install(text, work, installer, isolation)
             else:
-                output = _npm_install(text, work, installer)
-            os.chmod(work, 0o755)
+                output = _npm_install(text, work, installer, isolation)
+            _seal(work)
             os.rename(work, target)  # atomic: a half-installed folder is never seen as a cache hit
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
     return DepsResult(path=target, cached=False, output=output, manifest=name)
+
+
+def _seal(folder: Path) -> None:
+    """The install becomes the platform's: owned by this process, read-only to everyone else, so the
+    tenant's later processes (and nobody else's) can change it."""
+    uid, gid = os.geteuid(), os.getegid()
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            with contextlib.suppress(OSError):
+                os.lchown(path, uid, gid)
+            continue
+        with contextlib.suppress(OSError):
+            os.chown(path, uid, gid)
+            mode = path.stat().st_mode
+            os.chmod(path, 0o755 if path.is_dir() or mode & 0o111 else 0o644)
 
 
 def cache_path(runtime: str, manifest_text: str, cache_dir: Path) -> Path:
@@ -92,84 +117,111 @@ def cache_path(runtime: str, manifest_text: str, cache_dir: Path) -> Path:
     return Path(cache_dir) / kind / hashlib.sha256(f"{runtime}\0{manifest_text}".encode()).hexdigest()
 
 
-def _run(argv: list[str], cwd: Path, what: str, env: dict | None = None) -> str:
+def _run(launch: sandbox.Launch, what: str) -> str:
     try:
-        result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=INSTALL_TIMEOUT, env=env)
-    except subprocess.TimeoutExpired as exc:
-        raise EngineError(f"Installing dependencies took longer than {INSTALL_TIMEOUT} s.",
-                          details={"output": (exc.stdout or "") + (exc.stderr or "")}) from None
+        started = sandbox.start(launch, stderr=subprocess.STDOUT)
     except OSError as exc:
         raise EngineError(f"Could not run the {what} installer: {exc}") from None
-    output = (result.stdout or "") + (result.stderr or "")
-    if result.returncode != 0:
+    try:
+        stdout, _ = started.process.communicate(timeout=INSTALL_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(started.process.pid, signal.SIGKILL)
+        stdout, _ = started.process.communicate()
+        raise EngineError(f"Installing dependencies took longer than {INSTALL_TIMEOUT} s.",
+                          details={"output": stdout.decode("utf-8", "replace")}) from None
+    finally:
+        started.close()
+    output = stdout.decode("utf-8", "replace")
+    if started.process.returncode != 0:
         last = [line for line in output.strip().splitlines() if line.strip()]
-        summary = last[-1] if last else f"exit status {result.returncode}"
+        summary = last[-1] if last else f"exit status {started.process.returncode}"
+        if launch.group is not None and launch.group.oom_killed():
+            summary = f"the installer ran out of memory ({launch.group.name})"
         raise EngineError(f"Installing dependencies failed: {summary}", details={"output": output})
     return output
 
 
-def _installer_env() -> dict:
-    # The installer runs as the portal but needs none of its secrets.
-    keep = ("PATH", "HOME", "LANG", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST", "HTTP_PROXY",
-            "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy", "npm_config_registry")
-    env = {k: v for k, v in os.environ.items() if k in keep}
-    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+def _installer_env(**extra: str) -> dict:
+    # The installer needs none of the portal's secrets: only its index and proxy settings.
+    keep = ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
+            "http_proxy", "https_proxy", "no_proxy", "npm_config_registry")
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
+    env.update({k: v for k, v in os.environ.items() if k in keep})
+    env.update(extra)
     return env
 
 
 INSIDE_TARGET = "/var/nimbus/deps"
-INSIDE_MANIFEST = "/var/nimbus/manifest"
+INSIDE_MANIFEST = "/var/nimbus/code"
+# pip, run from its package folder on an interpreter that may not have it (the system's).
+PIP_MAIN = ("import sys; sys.path.insert(0, sys.argv.pop(1)); sys.argv[0] = 'pip'; "
+            "from pip._internal.cli.main import main; sys.exit(main())")
 
 
-def _isolated(argv: list[str], work: Path, manifest: Path, installer: Installer, extra_ro: list[str]) -> list[str]:
-    """``argv`` (written with the sandbox's paths) inside bubblewrap, when the installer is sandboxed."""
-    args = [shutil.which("bwrap") or "bwrap", "--unshare-all", "--share-net", "--uid", str(sandbox.SANDBOX_UID),
-            "--gid", str(sandbox.SANDBOX_UID), "--cap-drop", "ALL", "--new-session", "--die-with-parent",
-            "--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
-            "--symlink", "usr/bin", "/bin", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
-            "--dir", "/etc"]
-    for name in sandbox.ETC_FILES:
-        args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
-    for path in [*extra_ro, *installer.local_dirs]:
-        args += ["--ro-bind", str(path), str(path)]
-    args += ["--bind", str(work), INSIDE_TARGET, "--ro-bind", str(manifest), f"{INSIDE_MANIFEST}/{manifest.name}",
-             "--chdir", INSIDE_TARGET, "--"]
-    return args + argv
+def _launch(argv: list[str], work: Path, manifest_dir: Path, installer: Installer,
+            isolation: sandbox.Isolation | None, extra_ro: list[str], env: dict) -> sandbox.Launch:
+    layout = sandbox.Layout(code_dir=manifest_dir, deps_dir=None, sandboxed=installer.sandboxed)
+    group = None
+    if isolation is not None:
+        group = isolation.resources.group(f"b{next(_build_numbers)}", memory_bytes=installer.memory_mb * 1024 * 1024,
+                                          pids_max=512, cpu_millicores=None)
+    return sandbox.Launch(
+        argv=argv, layout=layout, env=env, secret_env={},
+        identity=isolation.identity if isolation is not None else None,
+        rlimits={"cpu": INSTALL_TIMEOUT, "nofile": 1024, "core": 0} if group is not None or isolation is None
+        else {"cpu": INSTALL_TIMEOUT, "nofile": 1024, "core": 0, "nproc": 512},
+        group=group, egress=installer.sandboxed, allow_cidrs=isolation.allow_cidrs if isolation else (),
+        tmp_bytes=installer.memory_mb * 1024 * 1024, extra_ro=[*extra_ro, *installer.local_dirs],
+        binds=[(str(work), INSIDE_TARGET)] if installer.sandboxed else [],
+        chdir=INSIDE_TARGET, cwd=str(work), stdin=subprocess.DEVNULL)
 
 
-def _pip_install(requirements: str, work: Path, installer: Installer) -> str:
+def _pip_install(requirements: str, work: Path, installer: Installer, isolation: sandbox.Isolation | None) -> str:
     folder = Path(tempfile.mkdtemp(prefix=f"{work.name}-manifest-", dir=work.parent))
-    manifest = folder / "requirements.txt"
-    manifest.write_text(requirements)
+    (folder / "requirements.txt").write_text(requirements)
+    os.chmod(folder, 0o755)
+    os.chmod(folder / "requirements.txt", 0o644)
+    python = sandbox.python_executable(installer.python)
+    pip_dir = sandbox.pip_package_dir()
+    tools = str(Path(pip_dir).parent)
     try:
-        env = _installer_env()
-        env.update(PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_CACHE_DIR="1")
         if installer.sandboxed:
-            python = sandbox.python_executable()
-            argv = _isolated([python, "-m", "pip", "install", "--no-input", "--no-warn-script-location",
-                              "--target", INSIDE_TARGET, "-r", f"{INSIDE_MANIFEST}/requirements.txt"],
-                             work, manifest, installer, sandbox.interpreter_roots(python))
-            env.update(HOME="/tmp", TMPDIR="/tmp")
+            argv = [python, "-I", "-S", "-c", PIP_MAIN, sandbox.SANDBOX_TOOLS, "install", "--no-input",
+                    "--no-warn-script-location", "--target", INSIDE_TARGET, "-r", f"{INSIDE_MANIFEST}/requirements.txt"]
+            extra = sandbox.interpreter_roots(python)
         else:
-            # The portal's interpreter carries pip; --target keeps the function's packages out of the
-            # portal's own site-packages (both interpreters are the same Python version).
-            argv = [sys.executable, "-m", "pip", "install", "--no-input", "--no-warn-script-location",
-                    "--target", str(work), "-r", str(manifest)]
-        return _run(argv, work, "pip", env)
+            argv = [python, "-I", "-S", "-c", PIP_MAIN, tools, "install", "--no-input", "--no-warn-script-location",
+                    "--target", str(work), "-r", str(folder / "requirements.txt")]
+            extra = []
+        env = _installer_env(PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_CACHE_DIR="1")
+        launch = _launch(argv, work, folder, installer, isolation, extra, env)
+        if installer.sandboxed:
+            launch.binds.append((pip_dir, f"{sandbox.SANDBOX_TOOLS}/pip"))
+        try:
+            return _run(launch, "pip")
+        finally:
+            if launch.group is not None:
+                launch.group.remove()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _npm_install(package_json: str, work: Path, installer: Installer) -> str:
+def _npm_install(package_json: str, work: Path, installer: Installer, isolation: sandbox.Isolation | None) -> str:
     npm = shutil.which("npm")
     if npm is None:
         raise EngineError("npm is not installed on this machine; Node dependencies cannot be installed.")
-    (work / "package.json").write_text(package_json)
-    env = _installer_env()
-    env.update(npm_config_update_notifier="false", npm_config_fund="false", npm_config_audit="false")
+    manifest = work / "package.json"
+    manifest.write_text(package_json)
+    if isolation is not None and isolation.identity is not None:
+        os.chown(manifest, isolation.identity.uid, isolation.identity.gid)
+    env = _installer_env(npm_config_update_notifier="false", npm_config_fund="false", npm_config_audit="false",
+                         npm_config_cache="/tmp/npm-cache")
     # --install-links copies local folders instead of symlinking them (links would dangle in the sandbox).
     argv = [npm, "install", "--omit=dev", "--no-audit", "--no-fund", "--install-links", "--no-package-lock"]
-    if installer.sandboxed:
-        env.update(HOME="/tmp", TMPDIR="/tmp", npm_config_cache="/tmp/npm-cache")
-        argv = _isolated(argv, work, work / "package.json", installer, sandbox.interpreter_roots(npm))
-    return _run(argv, work, "npm", env)
+    launch = _launch(argv, work, work, installer, isolation, sandbox.interpreter_roots(npm), env)
+    try:
+        return _run(launch, "npm")
+    finally:
+        if launch.group is not None:
+            launch.group.remove()

@@ -34,7 +34,7 @@ from functions.engines.base import (
     TenantSpec,
     TrafficSpec,
 )
-from functions.engines.local import client, sandbox
+from functions.engines.local import client, egress, resources, sandbox
 from functions.engines.local.cpu import CpuThrottle
 from functions.engines.local.deps import Installer, ensure_deps
 from functions.engines.local.instances import InstanceFailed, Pool, Saturated
@@ -73,15 +73,23 @@ class LocalEngine:
             self.settings["IDLE_SECONDS"] = idle_seconds
         if queue_limit is not None:
             self.settings["QUEUE_LIMIT"] = queue_limit
-        self.sandbox_mode = sandbox.resolve_mode(sandbox_mode or self.settings.get("SANDBOX", "auto"))
+        self.sandbox_mode = sandbox.resolve_mode(sandbox_mode or self.settings.get("SANDBOX", "bwrap"))
         self.use_zygote = zygote
+        self.python = str(self.settings.get("PYTHON") or "")
+        self.allow_cidrs = tuple(str(c) for c in self.settings.get("EGRESS_ALLOW_CIDRS") or ())
+        egress.ruleset(self.allow_cidrs)  # a malformed CIDR stops the engine here, not at the first call
+        self.resources = resources.detect(mode=str(self.settings.get("RESOURCES") or "auto"))
         self.installer = Installer(sandboxed=self.sandbox_mode == "bwrap",
-                                   local_dirs=tuple(str(p) for p in self.settings.get("DEPS_LOCAL_DIRS") or ()))
+                                   local_dirs=tuple(str(p) for p in self.settings.get("DEPS_LOCAL_DIRS") or ()),
+                                   python=self.python)
         self.code_root = Path(self.settings["CODE_DIR"])
         self.deps_root = Path(self.settings["DEPS_CACHE_DIR"])
         socket_root = Path(self.settings.get("SOCKET_DIR") or tempfile.gettempdir())
-        # Short, per-engine socket folders: unix socket paths are limited to 107 bytes.
+        # Short, per-engine socket folders (unix socket paths are limited to 107 bytes), the engine's own.
+        socket_root.mkdir(parents=True, exist_ok=True)
         self.socket_root = socket_root / f"{os.getpid()}-{next(_sequence)}"
+        self.socket_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._check_host()
         self.routes = RouteTable(ttl=route_ttl)
         self.routes.on_load = self._retire_unrouted_revisions
         self.records = RecordsWriter(self.settings.get("RETENTION"))
@@ -92,10 +100,58 @@ class LocalEngine:
             lambda: collections.deque(maxlen=LOG_BUFFER))
         self.log_changed = threading.Condition()
         self.upkeep_thread: threading.Thread | None = None
-        # The functions' millicores: cgroups are not ours to use, so a userspace throttle (cpu.py).
-        self.cpu_throttle = CpuThrottle() if self.settings.get("CPU_THROTTLE", True) else None
+        # The functions' millicores: the cgroup's CPU quota where there is one, else a userspace throttle.
+        cgroup_cpu = "cpu" in getattr(self.resources, "controllers", ())
+        self.cpu_throttle = CpuThrottle() if self.settings.get("CPU_THROTTLE", True) and not cgroup_cpu else None
         self.stopped = False
         _engines.add(self)
+        self._announce()
+
+    def _check_host(self) -> None:
+        """Refuse to start where the tenants' uids could not reach their own code."""
+        if self.sandbox_mode != "bwrap" or os.geteuid() != 0:
+            return
+        for folder in self.installer.local_dirs:
+            if not sandbox.reachable(folder):
+                raise EngineError(f"NIMBUS_DEPS_LOCAL_DIRS: {folder} is not reachable by the sandbox's uids (a "
+                                  "folder on its path is private, or it does not exist).")
+        for root in (self.code_root, self.deps_root):
+            root.mkdir(parents=True, exist_ok=True)
+            if not sandbox.reachable(root):
+                raise EngineError(f"{root} is not reachable by the sandbox's uids (a folder on its path is "
+                                  "private): give its folders the search bit for others (chmod o+x), or move "
+                                  "NIMBUS_DATA_DIR.")
+        sandbox.python_executable(self.python)  # raises with what to set when no usable interpreter exists
+
+    def _announce(self) -> None:
+        """Say once, at start, what holds the functions here."""
+        if self.sandbox_mode == "none":
+            log.warning("local engine: NO SANDBOX (NIMBUS_LOCAL_SANDBOX=none): functions are not isolated from "
+                        "the host, the portal or each other")
+        else:
+            identity = ("per-tenant host uids from %s" % self.settings.get("SANDBOX_UID_BASE", 200000)
+                        if os.geteuid() == 0 else "the portal's own uid (not root: tenants are apart by namespaces)")
+            log.info("local engine: bubblewrap sandbox with seccomp, %s; egress %s", identity,
+                     egress.check() or "through slirp4netns with host and private ranges blocked")
+        log.info("local engine: resource control %s", self.resources.describe())
+
+    def isolation(self, spec: RevisionSpec) -> sandbox.Isolation:
+        tenant_id = spec.function.tenant_id
+        if not tenant_id and os.geteuid() == 0:
+            raise EngineError(f"{spec}: no tenant id, so no host identity to run it as.")
+        identity = sandbox.identity_for(tenant_id, self.settings) if tenant_id else None
+        return sandbox.Isolation(identity=identity, resources=self.resources, allow_cidrs=self.allow_cidrs,
+                                 python=self.python)
+
+    def _tenant_dir(self, root: Path, spec: RevisionSpec) -> Path:
+        """The tenant's folder under ``root``: the platform's, readable by the tenant's gid only."""
+        folder = root / spec.function.tenant
+        folder.mkdir(parents=True, exist_ok=True)
+        identity = self.isolation(spec).identity
+        if identity is not None:
+            os.chown(folder, os.geteuid(), identity.gid)
+            os.chmod(folder, 0o750)
+        return folder
 
     @property
     def idle_seconds(self) -> float:
@@ -113,7 +169,7 @@ class LocalEngine:
     def deploy(self, spec: RevisionSpec, *, traffic: list[TrafficSpec], progress: ProgressCallback) -> None:
         deps_path = self._deps_step(spec, progress)
         progress(DeployEvent("instance", "running", f"Starting the {spec.runtime} runtime "
-                                                      f"({'sandboxed' if self.sandbox_mode == 'bwrap' else 'no sandbox'})."))
+                                                      f"({'sandboxed' if self.sandbox_mode == 'bwrap' else 'NOT ISOLATED: no sandbox'})."))
         pool = self._new_pool(spec, deps_path)
         try:
             pool.start()
@@ -153,7 +209,8 @@ class LocalEngine:
             return None
         progress(DeployEvent("dependencies", "running", f"Installing {manifest}…"))
         try:
-            result = ensure_deps(spec.runtime, spec.files, self.deps_root, self.installer)
+            result = ensure_deps(spec.runtime, spec.files, self._tenant_dir(self.deps_root, spec), self.installer,
+                                 self.isolation(spec))
         except EngineError as exc:
             progress(DeployEvent("dependencies", "failed", exc.message, output=str(exc.details.get("output", ""))))
             raise
@@ -333,6 +390,7 @@ class LocalEngine:
 
     def _write_code(self, spec: RevisionSpec) -> Path:
         target = self.code_dir(spec)
+        self._tenant_dir(self.code_root, spec)
         if target.is_dir():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -352,10 +410,9 @@ class LocalEngine:
 
     def _new_pool(self, spec: RevisionSpec, deps_path: Path | None) -> Pool:
         code_dir = self._write_code(spec)
-        layout = sandbox.Layout(code_dir=code_dir, deps_dir=deps_path,
-                                socket_dir=self.socket_root / str(spec.revision_id),
-                                sandboxed=self.sandbox_mode == "bwrap")
-        return Pool(spec=spec, layout=layout, settings=self.settings,
+        layout = sandbox.Layout(code_dir=code_dir, deps_dir=deps_path, sandboxed=self.sandbox_mode == "bwrap")
+        return Pool(spec=spec, layout=layout, socket_dir=self.socket_root / str(spec.revision_id),
+                    isolation=self.isolation(spec), settings=self.settings,
                     on_log=lambda record, s=spec: self._on_log(s, record), use_zygote=self.use_zygote,
                     cpu_throttle=self.cpu_throttle)
 
@@ -382,7 +439,8 @@ class LocalEngine:
             revision = Revision.objects.select_related("function__tenant__quota").get(
                 pk=revision_id, status=Revision.Status.READY)
             spec = revision_spec(revision)
-            result = ensure_deps(spec.runtime, spec.files, self.deps_root, self.installer)
+            result = ensure_deps(spec.runtime, spec.files, self._tenant_dir(self.deps_root, spec), self.installer,
+                                 self.isolation(spec))
             pool = self._new_pool(spec, result.path)
             pool.start()
             with self.pools_lock:
@@ -448,4 +506,5 @@ class LocalEngine:
         with self.log_changed:
             self.log_changed.notify_all()
         self.records.stop()
+        self.resources.close()
         shutil.rmtree(self.socket_root, ignore_errors=True)

@@ -22,11 +22,13 @@ from pathlib import Path
 
 from functions.engines.base import RevisionSpec
 from functions.engines.local import cpu, sandbox
+from functions.engines.local.resources import Controller, Group
 from portal.errors import EngineError
 
 log = logging.getLogger(__name__)
 
 STARTING, READY, DEAD = "starting", "ready", "dead"
+_group_numbers = itertools.count(1)
 ZYGOTE_START_TIMEOUT = 30.0
 INSTANCE_START_TIMEOUT = 30.0
 
@@ -59,6 +61,8 @@ class Instance:
         self.exited: concurrent.futures.Future = concurrent.futures.Future()
         self.exit_reason = ""
         self.cpu_stats: dict | None = None  # the CPU throttle's counters, once the instance has exited
+        self.group: Group | None = None  # its cgroup (memory incl. its /tmp pages, processes, CPU)
+        self.started: sandbox.Started | None = None  # its own sandbox (instances not forked by a zygote)
         # Keep-alive connections to the instance, each usable only on the event loop that opened it.
         self.idle_connections: list[tuple[asyncio.AbstractEventLoop, asyncio.StreamReader, asyncio.StreamWriter]] = []
 
@@ -96,6 +100,8 @@ class ZygoteLauncher:
         self.pending: dict[str, Instance] = {}
         self.by_id: dict[str, Instance] = {}
         self.ready_line: concurrent.futures.Future | None = None
+        self.group: Group | None = None
+        self.started: sandbox.Started | None = None
 
     @property
     def alive(self) -> bool:
@@ -107,53 +113,66 @@ class ZygoteLauncher:
                 return
             self._stop_process()
             pool = self.pool
-            control_path = pool.socket_dir / "zygote.sock"
-            with contextlib.suppress(FileNotFoundError):
-                control_path.unlink()
-            argv, extra = sandbox.python_command(pool.layout, zygote=True)
-            env = sandbox.instance_env(pool.spec, pool.layout, NIMBUS_ZYGOTE_SOCKET=pool.layout.inside(control_path))
-            argv = sandbox.wrap(argv, pool.layout, allow_egress=pool.spec.allow_egress, extra_ro=extra)
+            engine_end, zygote_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            argv, extra = sandbox.python_command(pool.layout, zygote=True, python=pool.isolation.python)
+            # The fork server has its own cgroup, limited like an instance: what the handler allocates at
+            # import (before any fork) is held to the function's memory.
+            self.group = pool.new_group("z")
+            launch = pool.launch(argv, extra, self.group, NIMBUS_ZYGOTE_FD=str(zygote_end.fileno()))
+            launch.pass_fds = (zygote_end.fileno(),)
             self.ready_line = concurrent.futures.Future()
             self.early_output = collections.deque(maxlen=50)
             spawned: concurrent.futures.Future = concurrent.futures.Future()
             # The thread that starts the fork server lives exactly as long as it (reading its output):
             # the parent-death signal (and bwrap's --die-with-parent) follow the spawning thread, so
             # the fork server dies with the portal, however the portal ends.
-            threading.Thread(target=self._run_process, args=(argv, env, spawned),
+            threading.Thread(target=self._run_process, args=(launch, spawned),
                              name=f"zygote-{pool.spec.revision_id}", daemon=True).start()
-            self.process = spawned.result()
+            try:
+                self.started = spawned.result()
+            except BaseException:
+                engine_end.close()
+                self._discard_group()
+                raise
+            finally:
+                zygote_end.close()
+            self.process = self.started.process
             try:
                 ready = self.ready_line.result(timeout=ZYGOTE_START_TIMEOUT)
             except concurrent.futures.TimeoutError:
+                engine_end.close()
                 self._stop_process()
                 raise EngineError("The function's runtime did not start within "
                                   f"{ZYGOTE_START_TIMEOUT:.0f} s.") from None
             if not ready.get("ok"):
+                engine_end.close()
+                self.process.wait()
+                out_of_memory = self.group is not None and self.group.oom_killed()
                 self._stop_process()
+                if out_of_memory:
+                    raise EngineError(f"Importing the handler needed more than the function's "
+                                      f"{pool.spec.memory_mb} MB of memory.", details={"output": ready.get("error", "")})
                 error = ready.get("error") or "the runtime exited before it was ready"
                 raise EngineError(f"The handler could not be imported: {error.strip().splitlines()[-1]}",
                                   details={"output": error})
-            control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            control.connect(str(control_path))
-            self.control = control
-            threading.Thread(target=self._read_control, args=(control,), name=f"zygote-ctl-{pool.spec.revision_id}",
+            self.control = engine_end
+            threading.Thread(target=self._read_control, args=(engine_end,), name=f"zygote-ctl-{pool.spec.revision_id}",
                              daemon=True).start()
 
-    def _run_process(self, argv, env, spawned: concurrent.futures.Future) -> None:
+    def _run_process(self, launch: sandbox.Launch, spawned: concurrent.futures.Future) -> None:
         try:
-            process = subprocess.Popen(argv, env=env, cwd=str(self.pool.layout.code_dir), stdin=subprocess.DEVNULL,
-                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                                       preexec_fn=_die_with_parent)
+            started = sandbox.start(launch)
         except BaseException as exc:  # noqa: BLE001 - handed to the thread waiting in start()
             spawned.set_exception(exc)
             return
-        spawned.set_result(process)
+        spawned.set_result(started)
         ready_line = self.ready_line
-        _read_lines(process.stdout, self._on_line)
-        process.wait()
+        _read_lines(started.process.stdout, self._on_line)
+        started.process.wait()
+        started.close()
         if ready_line is not None and not ready_line.done():
             output = "\n".join(str(r.get("message", "")) for r in self.early_output)
-            ready_line.set_result({"ok": False, "error": output or f"exit status {process.returncode}"})
+            ready_line.set_result({"ok": False, "error": output or f"exit status {started.process.returncode}"})
 
     def _on_line(self, record: dict) -> None:
         if record.get("nimbus") == "zygote":
@@ -165,21 +184,18 @@ class ZygoteLauncher:
         self.pool.on_log(record)
 
     def _read_control(self, control: socket.socket) -> None:
-        buffer = b""
         while True:
             try:
-                data = control.recv(65536)
+                data = control.recv(65536)  # one message per packet
             except OSError:
                 data = b""
             if not data:
                 break
-            buffer += data
-            while b"\n" in buffer:
-                line, buffer = buffer.split(b"\n", 1)
-                try:
-                    message = json.loads(line)
-                except ValueError:
-                    continue
+            try:
+                message = json.loads(data)
+            except ValueError:
+                continue
+            if isinstance(message, dict):
                 self._on_control(message)
         # The fork server is gone, and its instances with it.
         if self.ready_line is not None and not self.ready_line.done():
@@ -196,6 +212,17 @@ class ZygoteLauncher:
             inst = self.by_id.get(iid)
             if inst is not None:
                 inst.pid = message.get("pid")
+                if inst.group is not None:
+                    # Into its own cgroup before it serves anything: the handler's calls, what it writes
+                    # to /tmp and any process it starts are the instance's from here on.
+                    host = self.host_pid(inst)
+                    try:
+                        if host is None:
+                            raise ProcessLookupError(inst.pid)
+                        inst.group.add(host)
+                    except OSError:
+                        self._send({"op": "kill", "id": iid})
+                        return
                 self.pool.instance_ready(inst)
         elif op == "error":
             inst = self.by_id.pop(iid, None)
@@ -205,7 +232,7 @@ class ZygoteLauncher:
             inst = self.by_id.pop(iid, None)
             if inst is not None:
                 code = message.get("code")
-                self.pool.instance_exited(inst, _describe_exit(code, self.pool.spec))
+                self.pool.instance_exited(inst, _describe_exit(code, self.pool.spec, inst.group))
 
     def launch(self, inst: Instance) -> None:
         if not self.alive:
@@ -224,25 +251,35 @@ class ZygoteLauncher:
 
     def _send_fork(self, inst: Instance) -> None:
         self.by_id[inst.id] = inst
-        message = {"op": "fork", "id": inst.id, "socket": self.pool.layout.inside(inst.socket_path),
-                   "limits": sandbox.limits(self.pool.spec, self.pool.settings)}
-        if not self._send(message):
+        try:
+            inst.group = self.pool.new_group("i")
+            listening = self.pool.listen(inst)
+        except OSError as exc:
+            self.by_id.pop(inst.id, None)
+            self.pool.instance_exited(inst, f"could not start: {exc}")
+            return
+        message = {"op": "fork", "id": inst.id, "limits": self.pool.rlimits()}
+        with listening:
+            sent = self._send(message, fds=[listening.fileno()])
+        if not sent:
             self.by_id.pop(inst.id, None)
             self.pool.instance_exited(inst, "the runtime's fork server is not reachable")
 
-    def _send(self, message: dict) -> bool:
+    def _send(self, message: dict, fds: list[int] = ()) -> bool:
         control = self.control
         if control is None:
             return False
         try:
             with self.send_lock:
-                control.sendall((json.dumps(message) + "\n").encode())
+                socket.send_fds(control, [json.dumps(message).encode()], list(fds))
             return True
         except OSError:
             return False
 
     def kill(self, inst: Instance) -> None:
         self._send({"op": "kill", "id": inst.id})
+        if inst.group is not None:
+            inst.group.kill_all()
 
     def host_pid(self, inst: Instance) -> int | None:
         """The instance's pid on this machine (the fork server reports its pid inside the sandbox)."""
@@ -250,6 +287,11 @@ class ZygoteLauncher:
         if not self.pool.layout.sandboxed or inst.pid is None:
             return inst.pid
         return cpu.host_pid(inst.pid, under=process.pid) if process is not None else None
+
+    def _discard_group(self) -> None:
+        group, self.group = self.group, None
+        if group is not None:
+            group.remove()
 
     def _stop_process(self) -> None:
         control, self.control = self.control, None
@@ -267,6 +309,7 @@ class ZygoteLauncher:
                     os.killpg(process.pid, signal.SIGKILL)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     process.wait(timeout=5)
+        self._discard_group()
 
     def close(self) -> None:
         with self.start_lock:
@@ -274,62 +317,70 @@ class ZygoteLauncher:
 
 
 class ProcessLauncher:
-    """A fresh process per instance (Node; Python when the zygote is turned off)."""
+    """A sandbox of its own per instance (Node; Python when the zygote is turned off)."""
 
     def __init__(self, pool: Pool):
         self.pool = pool
 
-    def _command(self, extra_env: dict, info_fd: int | None = None) -> tuple[list[str], dict]:
+    def _launch(self, group: Group | None, **extra_env) -> sandbox.Launch:
         pool = self.pool
         if pool.spec.runtime.startswith("node"):
             argv, extra = sandbox.node_command(pool.layout, pool.spec.memory_mb)
         else:
-            argv, extra = sandbox.python_command(pool.layout, zygote=False)
-        env = sandbox.instance_env(pool.spec, pool.layout, **extra_env)
-        return sandbox.wrap(argv, pool.layout, allow_egress=pool.spec.allow_egress, extra_ro=extra,
-                            info_fd=info_fd), env
+            argv, extra = sandbox.python_command(pool.layout, zygote=False, python=pool.isolation.python)
+        return pool.launch(argv, extra, group, **extra_env)
 
     def start(self) -> None:
-        """Check that the handler imports, so a broken revision fails its deploy."""
-        argv, env = self._command({"NIMBUS_CHECK": "1"})
+        """Check that the handler imports (in a sandbox and cgroup like an instance's), so a broken
+        revision fails its deploy."""
+        group = self.pool.new_group("c")
         try:
-            result = subprocess.run(argv, env=env, cwd=str(self.pool.layout.code_dir), capture_output=True,
-                                    timeout=ZYGOTE_START_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            raise EngineError("Importing the handler took too long.") from None
-        if result.returncode != 0:
-            output = _messages(result.stdout.decode("utf-8", "replace") + result.stderr.decode("utf-8", "replace"))
-            last = output.strip().splitlines()[-1] if output.strip() else f"exit status {result.returncode}"
-            raise EngineError(f"The handler could not be imported: {last}", details={"output": output})
+            launch = self._launch(group, NIMBUS_CHECK="1")
+            launch.stdin = subprocess.DEVNULL
+            started = sandbox.start(launch, stderr=subprocess.STDOUT)
+            try:
+                output, _ = started.process.communicate(timeout=ZYGOTE_START_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(started.process.pid, signal.SIGKILL)
+                started.process.wait()
+                raise EngineError("Importing the handler took too long.") from None
+            finally:
+                started.close()
+            if started.process.returncode != 0:
+                output = _messages(output.decode("utf-8", "replace"))
+                if group is not None and group.oom_killed():
+                    raise EngineError(f"Importing the handler needed more than the function's "
+                                      f"{self.pool.spec.memory_mb} MB of memory.", details={"output": output})
+                last = output.strip().splitlines()[-1] if output.strip() else f"exit status {started.process.returncode}"
+                raise EngineError(f"The handler could not be imported: {last}", details={"output": output})
+        finally:
+            if group is not None:
+                group.remove()
 
     def launch(self, inst: Instance) -> None:
         threading.Thread(target=self._spawn, args=(inst,), daemon=True).start()
 
     def _spawn(self, inst: Instance) -> None:
         pool = self.pool
-        info_read, info_write = os.pipe() if pool.layout.sandboxed else (None, None)
-        argv, env = self._command({"NIMBUS_SOCKET": pool.layout.inside(inst.socket_path), "NIMBUS_INSTANCE": inst.id},
-                                  info_fd=info_write)
-        limits = sandbox.limits(pool.spec, pool.settings)
         try:
-            process = subprocess.Popen(argv, env=env, cwd=str(pool.layout.code_dir), stdin=subprocess.PIPE,
-                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                                       pass_fds=(info_write,) if info_write is not None else (),
-                                       preexec_fn=lambda: (_die_with_parent(), _set_limits(limits)))
+            inst.group = pool.new_group("i")
+            listening = pool.listen(inst)
         except OSError as exc:
             pool.instance_exited(inst, f"could not start: {exc}")
             return
-        finally:
-            if info_write is not None:
-                os.close(info_write)
-        inst.process = process
-        inst.pid = process.pid
-        if info_read is not None:
-            with os.fdopen(info_read, "rb") as info:
-                try:
-                    inst.pid = json.loads(info.read() or b"{}").get("child-pid") or process.pid
-                except ValueError:
-                    pass
+        with listening:
+            launch = self._launch(inst.group, NIMBUS_LISTEN_FD=str(listening.fileno()), NIMBUS_INSTANCE=inst.id)
+            launch.pass_fds = (listening.fileno(),)
+            launch.stdin = subprocess.PIPE
+            try:
+                started = sandbox.start(launch)
+            except (OSError, EngineError) as exc:
+                pool.instance_exited(inst, f"could not start: {exc}")
+                return
+        inst.started = started
+        inst.process = started.process
+        inst.pid = started.pid
 
         def on_line(record: dict) -> None:
             if record.get("nimbus") == "ready":
@@ -337,45 +388,29 @@ class ProcessLauncher:
             else:
                 pool.on_log(record)
 
-        _read_lines(process.stdout, on_line)
-        code = process.wait()
-        pool.instance_exited(inst, _describe_exit(code, pool.spec))
+        _read_lines(started.process.stdout, on_line)
+        code = started.process.wait()
+        started.close()
+        pool.instance_exited(inst, _describe_exit(code, pool.spec, inst.group))
 
     def kill(self, inst: Instance) -> None:
         process = inst.process
         if process is not None and process.poll() is None:
-            # Sandboxed: the sandbox's init (bubblewrap then reaps it and exits); else the process group.
+            # Sandboxed: the sandbox's init (its pid namespace, and everything in it, ends with it);
+            # else the process group.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 if inst.pid and inst.pid != process.pid:
                     os.kill(inst.pid, signal.SIGKILL)
                 else:
                     os.killpg(process.pid, signal.SIGKILL)
+        if inst.group is not None:
+            inst.group.kill_all()
 
     def host_pid(self, inst: Instance) -> int | None:
         return inst.pid  # the process, or the sandbox's init (bubblewrap reports its host pid)
 
     def close(self) -> None:
         pass
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when the spawning thread's process goes away."""
-    import ctypes
-
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def _set_limits(limits: dict) -> None:
-    import resource
-
-    names = {"cpu": resource.RLIMIT_CPU, "nofile": resource.RLIMIT_NOFILE, "core": resource.RLIMIT_CORE,
-             "as": resource.RLIMIT_AS}
-    for name, value in limits.items():
-        if name in names:
-            hard = value + 5 if name == "cpu" else value
-            with contextlib.suppress(ValueError, OSError):
-                resource.setrlimit(names[name], (value, hard))
 
 
 def _messages(output: str) -> str:
@@ -390,9 +425,11 @@ def _messages(output: str) -> str:
     return "\n".join(lines)
 
 
-def _describe_exit(code, spec: RevisionSpec) -> str:
+def _describe_exit(code, spec: RevisionSpec, group: Group | None = None) -> str:
     if code is None:
         return "the instance stopped"
+    if group is not None and group.oom_killed():
+        return f"the instance ran out of memory (limit {spec.memory_mb} MB, its /tmp included)"
     if code == -signal.SIGKILL or code == 137:
         return f"the instance was killed (memory limit {spec.memory_mb} MB, timeout or scale-down)"
     if code == -signal.SIGXCPU:
@@ -405,12 +442,15 @@ def _describe_exit(code, spec: RevisionSpec) -> str:
 class Pool:
     """The instances of one revision."""
 
-    def __init__(self, *, spec: RevisionSpec, layout: sandbox.Layout, settings: dict, on_log, use_zygote: bool,
-                 cpu_throttle: cpu.CpuThrottle | None = None):
+    def __init__(self, *, spec: RevisionSpec, layout: sandbox.Layout, socket_dir: Path, isolation: sandbox.Isolation,
+                 settings: dict, on_log, use_zygote: bool, cpu_throttle: cpu.CpuThrottle | None = None):
         self.spec = spec
         self.cpu_throttle = cpu_throttle
         self.layout = layout
-        self.socket_dir = layout.socket_dir
+        self.isolation = isolation
+        # The engine's own folder (root's, mode 0700): the instances' sockets are bound here by the engine
+        # and handed to them; nothing inside a sandbox can write here or reach another tenant's.
+        self.socket_dir = socket_dir
         self.settings = settings
         self.on_log = on_log
         self.lock = threading.Lock()
@@ -436,6 +476,40 @@ class Pool:
         self.socket_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.socket_dir, 0o700)
         self.launcher.start()
+
+    # ---- what the launchers share ----------------------------------------------------------------
+
+    def new_group(self, kind: str) -> Group | None:
+        """A cgroup for one sandboxed process of this revision (None where rlimits stand in)."""
+        spec = self.spec
+        return self.isolation.resources.group(
+            f"{kind}{spec.revision_id}-{next(_group_numbers)}", memory_bytes=spec.memory_mb * 1024 * 1024,
+            pids_max=int(self.settings.get("INSTANCE_PROCESSES", 256)),
+            cpu_millicores=spec.cpu_millicores if cpu.limited(spec.cpu_millicores) else None)
+
+    def rlimits(self) -> dict:
+        return sandbox.limits(self.spec, self.settings, cgroups=self.isolation.resources.kind != "rlimit")
+
+    def listen(self, inst: Instance) -> socket.socket:
+        """The instance's listening socket, bound by the engine at its path and handed to the instance."""
+        listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                inst.socket_path.unlink()
+            listening.bind(str(inst.socket_path))
+            listening.listen(512)
+        except OSError:
+            listening.close()
+            raise
+        return listening
+
+    def launch(self, argv: list[str], extra_ro: list[str], group: Group | None, **extra_env: str) -> sandbox.Launch:
+        spec = self.spec
+        return sandbox.Launch(
+            argv=argv, layout=self.layout, env=sandbox.platform_env(spec, self.layout, **extra_env),
+            secret_env=sandbox.function_env(spec), identity=self.isolation.identity, rlimits=self.rlimits(),
+            group=group, egress=spec.allow_egress, allow_cidrs=self.isolation.allow_cidrs,
+            tmp_bytes=spec.memory_mb * 1024 * 1024, extra_ro=extra_ro)
 
     # ---- acquire / release ------------------------------------------------------------------
 
@@ -613,6 +687,12 @@ class Pool:
             inst.exited.set_result(reason)
         with contextlib.suppress(FileNotFoundError, OSError):
             inst.socket_path.unlink()
+        if inst.started is not None:
+            inst.started.close()
+        group, inst.group = inst.group, None
+        if group is not None:
+            # Whatever the instance left running dies with its cgroup (off this thread: it may wait).
+            threading.Thread(target=group.remove, name=f"cgroup-{inst.id}", daemon=True).start()
         if not self.closed and (was_starting or "killed" not in reason or inst.busy):
             self.on_log({"level": "WARNING", "message": f"instance {inst.id}: {reason}", "instance": inst.id})
         if launch is not None:

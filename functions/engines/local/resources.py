@@ -53,7 +53,7 @@ def _read(path: str) -> str | None:
     try:
         with open(path) as f:
             return f.read()
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:  # gone, or (ENODEV) a group being removed
         return None
 
 

@@ -11,6 +11,15 @@ const crypto = require("crypto");
 const util = require("util");
 const { AsyncLocalStorage } = require("async_hooks");
 
+// The function's own variables: the local engine hands them over inside the sandbox through an
+// inherited file (NIMBUS_ENV_FD), never through the launcher's environment.
+if (process.env.NIMBUS_ENV_FD) {
+  const fd = Number(process.env.NIMBUS_ENV_FD);
+  delete process.env.NIMBUS_ENV_FD;
+  const values = JSON.parse(fs.readFileSync(fd, "utf8") || "{}");
+  fs.closeSync(fd);
+  for (const [name, value] of Object.entries(values)) process.env[name] = String(value);
+}
 const env = process.env;
 const CODE_DIR = env.NIMBUS_CODE_DIR || "/var/nimbus/code";
 const HANDLER = env.NIMBUS_HANDLER || "handler.handle";
@@ -238,15 +247,20 @@ function main() {
   server.headersTimeout = 0;
   server.requestTimeout = 0;
   const socketPath = env.NIMBUS_SOCKET;
+  const listenFd = env.NIMBUS_LISTEN_FD;
+  delete env.NIMBUS_LISTEN_FD;
   const onListening = () => emit("INFO", "listening", { nimbus: "ready" });
-  if (socketPath) {
+  if (listenFd) {
+    // The local engine binds the instance's socket itself and hands it over (nothing writable is shared).
+    server.listen({ fd: Number(listenFd) }, onListening);
+  } else if (socketPath) {
     try { fs.unlinkSync(socketPath); } catch (err) { /* not there */ }
     server.listen(socketPath, onListening);
   } else {
     server.listen(Number(env.PORT || "8080"), "0.0.0.0", onListening);
   }
   // In the local engine stdin is a pipe from the engine: when it closes, the engine is gone.
-  if (socketPath && !process.stdin.isTTY) {
+  if ((socketPath || listenFd) && !process.stdin.isTTY) {
     process.stdin.on("end", () => process.exit(0));
     process.stdin.on("error", () => process.exit(0));
     process.stdin.resume();

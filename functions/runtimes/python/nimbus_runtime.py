@@ -569,7 +569,19 @@ def _exit_on_stdin_eof() -> None:
     os._exit(0)
 
 
+def load_environment() -> None:
+    """The function's own variables: the local engine hands them over inside the sandbox through an
+    inherited file (NIMBUS_ENV_FD), never through the launcher's environment."""
+    fd = os.environ.pop("NIMBUS_ENV_FD", None)
+    if not fd:
+        return
+    with open(int(fd), "rb") as file:
+        values = json.loads(file.read() or b"{}")
+    os.environ.update({str(k): str(v) for k, v in values.items()})
+
+
 def main() -> None:
+    load_environment()
     configure_output()
     runtime = Runtime()
     runtime.load()
@@ -577,13 +589,17 @@ def main() -> None:
         # The engine's deploy check: does the handler import?
         os._exit(0 if runtime.load_error is None else 1)
     socket_path = os.environ.get("NIMBUS_SOCKET")
+    listen_fd = os.environ.pop("NIMBUS_LISTEN_FD", None)
+    # The local engine binds the instance's socket itself and hands it over (nothing writable is shared).
+    listening = socket.socket(fileno=int(listen_fd)) if listen_fd else None
     port = int(os.environ.get("PORT", "8080"))
-    if socket_path and not sys.__stdin__.isatty():
+    if (socket_path or listening) and sys.__stdin__ is not None and not sys.__stdin__.isatty():
         # In the local engine stdin is a pipe from the engine: when it closes, the engine is gone.
         threading.Thread(target=_exit_on_stdin_eof, daemon=True).start()
-    emit("INFO", f"serving {runtime.handler_name} on {socket_path or f'0.0.0.0:{port}'}")
+    where = "the engine's socket" if listening else socket_path or f"0.0.0.0:{port}"
+    emit("INFO", f"serving {runtime.handler_name} on {where}")
     try:
-        asyncio.run(serve(runtime, unix_path=socket_path, port=port,
+        asyncio.run(serve(runtime, unix_path=socket_path, port=port, listening_sock=listening,
                           on_listening=lambda: emit("INFO", "listening", nimbus="ready")))
     except KeyboardInterrupt:
         pass

@@ -2,12 +2,14 @@
 then forks a ready-to-serve instance per request of the engine (cold start without an
 interpreter start). Standard library only; it runs inside the same sandbox as its instances.
 
-Control protocol: JSON lines over the unix socket ``NIMBUS_ZYGOTE_SOCKET`` (one client, the engine).
-  engine -> {"op": "fork", "id": ..., "socket": path, "limits": {...}, "env": {...}}
+Control protocol: JSON messages over the SOCK_SEQPACKET socket on fd ``NIMBUS_ZYGOTE_FD`` (one per packet).
+  engine -> {"op": "fork", "id": ..., "limits": {...}}  + the instance's listening socket (SCM_RIGHTS)
   zygote -> {"op": "forked", "id": ..., "pid": ...} | {"op": "error", "id": ..., "error": ...}
   engine -> {"op": "kill", "id": ...}
   zygote -> {"op": "exit", "id": ..., "code": ...}   (an instance ended, for whatever reason)
-The zygote exits, killing its instances, when the engine closes the control connection.
+The zygote exits, killing its instances, when the engine closes the control connection. Every instance
+is a child subreaper, and so is the zygote: what an instance leaves behind (a detached grandchild) comes
+back to the zygote when the instance ends, and is killed.
 """
 
 import os
@@ -23,6 +25,7 @@ import ctypes  # noqa: E402
 import json  # noqa: E402
 import resource  # noqa: E402
 import selectors  # noqa: E402
+import shutil  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import threading  # noqa: E402
@@ -30,9 +33,10 @@ import threading  # noqa: E402
 import nimbus_runtime as rt  # noqa: E402
 
 PR_SET_PDEATHSIG = 1
-ACCEPT_TIMEOUT = 60.0
+PR_SET_CHILD_SUBREAPER = 36
 LIMITS = {
     "as": resource.RLIMIT_AS,
+    "node_data": resource.RLIMIT_DATA,
     "cpu": resource.RLIMIT_CPU,
     "nofile": resource.RLIMIT_NOFILE,
     "nproc": resource.RLIMIT_NPROC,
@@ -62,30 +66,19 @@ def apply_limits(limits: dict) -> None:
 
 
 class Zygote:
-    def __init__(self, runtime: rt.Runtime, control_path: str):
+    def __init__(self, runtime: rt.Runtime, control: socket.socket):
         self.runtime = runtime
-        self.control_path = control_path
+        self.conn = control
         self.children: dict[int, str] = {}
         self.libc = _libc()
 
     def run(self) -> None:
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.control_path)
-        listener.bind(self.control_path)
-        listener.listen(1)
         rt.emit("INFO", "zygote ready" if self.runtime.load_error is None else "zygote could not import the handler",
                 nimbus="zygote", ok=self.runtime.load_error is None, error=self.runtime.load_error)
         if self.runtime.load_error is not None:
             os._exit(1)  # the engine will not use a revision whose handler does not import
-        # Only the engine connects, right after the ready line; if it never does, it is gone.
-        listener.settimeout(ACCEPT_TIMEOUT)
-        try:
-            self.conn, _ = listener.accept()
-        except OSError:
-            os._exit(1)
-        self.conn.settimeout(None)
-        listener.close()
+        if self.libc is not None:
+            self.libc.prctl(PR_SET_CHILD_SUBREAPER, 1)
         self.wake_r, wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(wake_w, False)
@@ -96,18 +89,18 @@ class Zygote:
         selector = selectors.DefaultSelector()
         selector.register(self.conn, selectors.EVENT_READ)
         selector.register(self.wake_r, selectors.EVENT_READ)
-        buffer = b""
         while True:
             for key, _ in selector.select():
                 if key.fileobj is self.conn:
-                    data = self.conn.recv(65536)
+                    try:
+                        data, fds, _, _ = socket.recv_fds(self.conn, 65536, 4)
+                    except InterruptedError:
+                        continue
+                    except OSError:
+                        data, fds = b"", []
                     if not data:
                         self.shutdown()
-                    buffer += data
-                    while b"\n" in buffer:
-                        line, buffer = buffer.split(b"\n", 1)
-                        if line.strip():
-                            self.command(json.loads(line))
+                    self.command(json.loads(data), fds)
                 else:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self.wake_r, 4096)
@@ -115,12 +108,19 @@ class Zygote:
 
     def send(self, message: dict) -> None:
         with contextlib.suppress(OSError):
-            self.conn.sendall((json.dumps(message) + "\n").encode())
+            self.conn.send(json.dumps(message).encode())
 
-    def command(self, message: dict) -> None:
+    def command(self, message: dict, fds: list[int]) -> None:
         op = message.get("op")
+        if op == "fork" and fds:
+            self.fork(message, fds[0])
+            for extra in fds[1:]:
+                os.close(extra)
+            return
+        for fd in fds:
+            os.close(fd)
         if op == "fork":
-            self.fork(message)
+            self.send({"op": "error", "id": message.get("id"), "error": "no listening socket came with the fork"})
         elif op == "kill":
             for pid, iid in list(self.children.items()):
                 if iid == message.get("id"):
@@ -129,17 +129,17 @@ class Zygote:
         elif op == "stop":
             self.shutdown()
 
-    def fork(self, message: dict) -> None:
-        iid, path = message["id"], message["socket"]
+    def fork(self, message: dict, listening_fd: int) -> None:
+        iid = str(message["id"])
+        # The engine bound and listens on this socket before sending it: it may connect at once.
+        listening = socket.socket(fileno=listening_fd)
+        tmp = self.tmp_dir(iid)
         try:
-            listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            # Bound and listening before the fork: the engine may connect as soon as it hears back.
-            listening.bind(path)
-            listening.listen(512)
+            os.mkdir(tmp, 0o700)
             pid = os.fork()
         except OSError as exc:
+            listening.close()
+            shutil.rmtree(tmp, ignore_errors=True)
             self.send({"op": "error", "id": iid, "error": f"{type(exc).__name__}: {exc}"})
             return
         if pid == 0:
@@ -159,8 +159,11 @@ class Zygote:
             os.close(self.wake_w)
             if self.libc is not None:
                 self.libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-            os.environ.pop("NIMBUS_ZYGOTE_SOCKET", None)
+                self.libc.prctl(PR_SET_CHILD_SUBREAPER, 1)
             os.environ["NIMBUS_INSTANCE"] = iid
+            # The instance's own temporary folder (the revision's /tmp is a size-capped tmpfs whose
+            # pages are charged to the memory of the instance that writes them); removed when it ends.
+            os.environ["TMPDIR"] = os.environ["HOME"] = self.tmp_dir(iid)
             os.environ.update(message.get("env") or {})
             apply_limits(message.get("limits") or {})
             asyncio.run(rt.serve(self.runtime, listening_sock=listening))
@@ -183,16 +186,39 @@ class Zygote:
                 code = os.waitstatus_to_exitcode(status)
                 if code < 0 and -code == signal.SIGXCPU:
                     rt.emit("ERROR", f"instance {iid} used up its CPU time limit")
+                shutil.rmtree(self.tmp_dir(iid), ignore_errors=True)
                 self.send({"op": "exit", "id": iid, "code": code})
+        self.kill_orphans()
+
+    @staticmethod
+    def tmp_dir(iid: str) -> str:
+        return os.path.join("/tmp", "".join(c if c.isalnum() or c in "-_" else "_" for c in iid))
+
+    def kill_orphans(self) -> None:
+        """Kill every child that is not an instance: what an ended instance left running, handed to this
+        subreaper. Their own children come back here in turn and are killed on the next SIGCHLD."""
+        for pid in _own_children():
+            if pid not in self.children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
     def shutdown(self) -> None:
-        for pid in list(self.children):
+        for pid in set(self.children) | set(_own_children()):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         for pid in list(self.children):
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
         os._exit(0)
+
+
+def _own_children() -> list[int]:
+    pids = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError), open(f"/proc/self/task/{task}/children") as file:
+                pids += [int(p) for p in file.read().split()]
+    return pids
 
 
 def _warm_up() -> None:
@@ -212,6 +238,8 @@ def _warm_up() -> None:
 
 
 def main() -> None:
+    rt.load_environment()
+    control = socket.socket(fileno=int(os.environ.pop("NIMBUS_ZYGOTE_FD")))
     rt.configure_output()
     # Small thread stacks and few malloc arenas keep an instance's address space near its real use,
     # so the memory limit (RLIMIT_AS) measures what the function allocates.
@@ -219,7 +247,7 @@ def main() -> None:
     runtime = rt.Runtime()
     runtime.load()
     _warm_up()
-    Zygote(runtime, os.environ["NIMBUS_ZYGOTE_SOCKET"]).run()
+    Zygote(runtime, control).run()
 
 
 if __name__ == "__main__":

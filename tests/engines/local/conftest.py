@@ -10,9 +10,9 @@ import pytest
 from functions.engines import set_engine
 from functions.engines.local.engine import LocalEngine, stop_all_engines
 from functions.engines.local.gateway import gateway_app
-from functions.engines.local.sandbox import bwrap_works
+from functions.engines.local.sandbox import bwrap_problem
 
-needs_bwrap = pytest.mark.skipif(not bwrap_works(), reason="bubblewrap (apt-get install bubblewrap) is not usable here")
+needs_bwrap = pytest.mark.skipif(bwrap_problem() is not None, reason=f"the sandbox is not usable here: {bwrap_problem()}")
 
 
 @pytest.fixture(autouse=True)
@@ -37,6 +37,19 @@ def make_engine():
     yield make
     for engine in engines:
         engine.shutdown()
+
+
+@pytest.fixture
+def shared_tmp(settings):
+    """A folder the sandboxes' uids can read (pytest's tmp_path lives under a private folder)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(tempfile.mkdtemp(prefix="shared-", dir=settings.NIMBUS_DATA_DIR))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

@@ -136,6 +136,12 @@ def test_throttle_counts_and_stops_child_processes():
 engine_test = pytest.mark.django_db(transaction=True)
 
 
+@pytest.fixture
+def engine(make_engine):
+    """The userspace throttle is the fallback where cgroups are not writable: the rlimit controller."""
+    return make_engine(resources="rlimit")
+
+
 def _instance(engine, revision):
     pool = engine.pool_for(revision.pk)
     inst = next(iter(pool.instances.values()))
@@ -173,7 +179,7 @@ def test_busy_handler_is_held_to_its_millicores(engine, deploy, gateway):
 
 @engine_test
 def test_without_the_throttle_the_handler_is_not_stopped(make_engine, deploy, gateway):
-    engine = make_engine(cpu_throttle=False)
+    engine = make_engine(cpu_throttle=False, resources="rlimit")
     assert engine.cpu_throttle is None
     _, revision = deploy("burner", {"handler.py": BUSY}, cpu_millicores=200)
     assert gateway.get("/fn/acme/burner/", query="seconds=0").status == 200
@@ -262,3 +268,24 @@ def test_the_timeout_still_kills_a_throttled_handler(engine, deploy, gateway):
     assert response.json()["code"] == "timeout"
     assert inst.cpu_stats["throttled_periods"] > 0
     assert wait_for(lambda: cpu.process_state(pid) in (None, "Z", "X"), timeout=3)
+
+
+@engine_test
+def test_with_cgroups_the_cpu_quota_holds_the_handler(make_engine, deploy, gateway):
+    from functions.engines.local import resources
+
+    engine = make_engine()
+    if "cpu" not in getattr(engine.resources, "controllers", ()):
+        pytest.skip(f"no cgroup CPU controller here: {engine.resources.describe()}")
+    assert engine.cpu_throttle is None  # the kernel's quota replaces the userspace throttle
+    _, revision = deploy("burner", {"handler.py": BUSY}, cpu_millicores=200)
+    assert gateway.get("/fn/acme/burner/", query="seconds=0").status == 200
+    _, inst, pid = _instance(engine, revision)
+    assert isinstance(inst.group, resources.Group)
+    started = time.monotonic()
+    cpu_before = cpu.process_cpu_seconds(pid)
+    assert gateway.get("/fn/acme/burner/", query="seconds=1").status == 200
+    duration = time.monotonic() - started
+    used = cpu.process_cpu_seconds(pid) - cpu_before
+    assert used < 0.6 * duration, (used, duration)
+    print(f"200m under cgroup: cpu {used:.3f} s over {duration:.3f} s, ratio {used / duration:.2f}")

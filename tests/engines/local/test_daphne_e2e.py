@@ -58,7 +58,8 @@ def processes_mentioning(text):
 
 
 @pytest.mark.slow
-def test_daphne_serves_a_function_deployed_by_another_process(tmp_path):
+def test_daphne_serves_a_function_deployed_by_another_process(shared_tmp):
+    tmp_path = shared_tmp  # the tenants' sandbox uids must reach the data folder
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "SQLITE_PATH", "REDIS_URL")}
     env.update({"DJANGO_SETTINGS_MODULE": "portal.settings", "DEBUG": "1", "NIMBUS_DATA_DIR": str(tmp_path),
                 "NIMBUS_DEPLOY_INLINE": "1", "NIMBUS_SOCKET_DIR": str(tmp_path / "s"),

@@ -41,8 +41,8 @@ def build_wheel(folder: Path, name: str, version: str, module_source: str) -> Pa
 
 
 @pytest.fixture
-def wheelhouse(tmp_path):
-    folder = tmp_path / "wheels"
+def wheelhouse(shared_tmp):
+    folder = shared_tmp / "wheels"
     folder.mkdir()
     build_wheel(folder, "nimbusgreet", "1.0", "def greet(name):\n    return f'Greetings, {name}!'\n")
     return folder
@@ -61,7 +61,7 @@ def test_requirements_installed_then_cached(make_engine, deploy, gateway, wheelh
     assert response.text == "Greetings, Ada!"
 
     # The same requirements again: a cache hit, no installer run.
-    cache_root = Path(engine.deps_root)
+    cache_root = Path(engine.deps_root) / "acme"  # installs are per tenant
     before = sorted(p.name for p in (cache_root / "python").iterdir() if not p.name.startswith("."))
     result = ensure_deps("python3.11", files, cache_root, engine.installer)
     assert result.cached is True and result.output == ""
@@ -83,11 +83,11 @@ def test_cache_hit_is_reported_in_the_deploy(make_engine, members, tenant, wheel
     assert deps[-1].status == "ok" and "cached" in deps[-1].message
 
 
-def test_install_failure_fails_the_deploy_with_the_installer_output(make_engine, members, tenant, tmp_path):
-    engine = make_engine(deps_local_dirs=[str(tmp_path)])
+def test_install_failure_fails_the_deploy_with_the_installer_output(make_engine, members, tenant, shared_tmp):
+    engine = make_engine(deps_local_dirs=[str(shared_tmp)])
     from functions.services import function_create, function_deploy, revision_spec
 
-    requirements = f"--no-index\n--find-links {tmp_path}\nno-such-package-anywhere==9.9\n"
+    requirements = f"--no-index\n--find-links {shared_tmp}\nno-such-package-anywhere==9.9\n"
     function = function_create(acting_user=members["developer"], tenant=tenant, name="broken-deps",
                                files={"handler.py": USES_DEP, "requirements.txt": requirements})
     revision = function_deploy(acting_user=members["developer"], function=function)
@@ -99,7 +99,7 @@ def test_install_failure_fails_the_deploy_with_the_installer_output(make_engine,
         engine.deploy(revision_spec(revision), traffic=[], progress=events.append)
     failed = [e for e in events if e.step == "dependencies" and e.status == "failed"]
     assert failed and "no-such-package-anywhere" in failed[0].output
-    assert not cache_path("python3.11", requirements, engine.deps_root).exists()  # nothing half-installed cached
+    assert not cache_path("python3.11", requirements, engine.deps_root / "acme").exists()  # nothing half-installed cached
 
 
 needs_node = pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
@@ -157,9 +157,9 @@ def test_node_broken_handler_fails_the_deploy(engine, deploy):
 
 @needs_node
 @pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed")
-def test_node_dependencies_from_a_local_folder(make_engine, deploy, gateway, tmp_path):
-    make_engine(deps_local_dirs=[str(tmp_path)])
-    package = tmp_path / "nimbus-shout"
+def test_node_dependencies_from_a_local_folder(make_engine, deploy, gateway, shared_tmp):
+    make_engine(deps_local_dirs=[str(shared_tmp)])
+    package = shared_tmp / "nimbus-shout"
     package.mkdir()
     (package / "package.json").write_text(json.dumps({"name": "nimbus-shout", "version": "1.0.0", "main": "index.js"}))
     (package / "index.js").write_text("module.exports = (s) => s.toUpperCase() + '!';\n")

@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test setup system venv assets migrate demo serve check bench clean
+.PHONY: run test setup system sandbox venv assets migrate demo serve check bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,9 +18,27 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# Debian packages: bubblewrap (the local engine's sandbox) and Chromium (browser tests).
-SYSTEM_PACKAGES := bubblewrap:/usr/bin/bwrap chromium:/usr/bin/chromium prometheus:/usr/bin/prometheus
-system:
+# Debian packages the local engine's sandbox needs: bubblewrap, slirp4netns and nftables (egress that
+# cannot reach the host), libseccomp2 (the seccomp filter). Without them `make run` stops and says what to run.
+SANDBOX_PACKAGES := bubblewrap:/usr/bin/bwrap slirp4netns:/usr/bin/slirp4netns nftables:/usr/sbin/nft \
+	libseccomp2:/usr/lib/x86_64-linux-gnu/libseccomp.so.2
+sandbox:
+	@missing=""; for entry in $(SANDBOX_PACKAGES); do \
+		pkg=$${entry%%:*}; bin=$${entry#*:}; \
+		if [ "$$pkg" = libseccomp2 ]; then ldconfig -p 2>/dev/null | grep -q libseccomp.so.2 || missing="$$missing $$pkg"; \
+		else [ -x "$$bin" ] || missing="$$missing $$pkg"; fi; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing the sandbox:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	else echo "The local engine's sandbox needs:$$missing"; \
+		echo "Install them with:  sudo apt-get install -y$$missing"; \
+		echo "(or run functions without isolation: NIMBUS_LOCAL_SANDBOX=none make run)"; \
+		[ "$$NIMBUS_LOCAL_SANDBOX" = none ] || exit 1; fi
+
+# Debian packages the tests use besides the sandbox: Chromium (browser tests) and Prometheus (a real scrape).
+SYSTEM_PACKAGES := chromium:/usr/bin/chromium prometheus:/usr/bin/prometheus
+system: sandbox
 	@missing=""; for entry in $(SYSTEM_PACKAGES); do \
 		pkg=$${entry%%:*}; bin=$${entry#*:}; [ -x "$$bin" ] || missing="$$missing $$pkg"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
@@ -50,7 +68,7 @@ demo: migrate
 serve:
 	DEBUG=1 NIMBUS_PUBLIC_URL=$(PUBLIC_URL) $(VENV)/bin/daphne -b $(HOST) -p $(PORT) portal.asgi:application
 
-run: demo serve
+run: sandbox demo serve
 
 test: system setup
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

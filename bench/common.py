@@ -18,6 +18,7 @@ def setup_portal():
     """Configure Django on a fresh temporary database; returns (developer, tenant)."""
     sys.path.insert(0, str(ROOT))
     data_dir = tempfile.mkdtemp(prefix="nimbus-bench-")
+    os.chmod(data_dir, 0o711)  # the tenants' sandbox uids reach their code through it
     for name in ("DATABASE_URL", "SQLITE_PATH", "REDIS_URL"):
         os.environ.pop(name, None)
     os.environ.update({"DJANGO_SETTINGS_MODULE": "portal.settings", "DEBUG": "1", "NIMBUS_DATA_DIR": data_dir,

@@ -225,8 +225,9 @@ NIMBUS_LOCAL = {
     "QUEUE_LIMIT": int(os.environ.get("NIMBUS_LOCAL_QUEUE_LIMIT", "100")),
     # bwrap (required to work) | none (functions NOT isolated: a warning at start and on every page).
     "SANDBOX": os.environ.get("NIMBUS_LOCAL_SANDBOX", "bwrap"),
-    # Each tenant's processes run as host uid/gid BASE + (tenant id mod COUNT) when the portal is root.
-    "SANDBOX_UID_BASE": int(os.environ.get("NIMBUS_SANDBOX_UID_BASE", "200000")),
+    # Each tenant's processes run as host uid/gid BASE + tenant id when the portal is root (ids ≥ COUNT
+    # are refused rather than wrapped onto another tenant's uid).
+    "SANDBOX_UID_BASE": int(os.environ.get("NIMBUS_SANDBOX_UID_BASE", "2000000000")),
     "SANDBOX_UID_COUNT": int(os.environ.get("NIMBUS_SANDBOX_UID_COUNT", "65536")),
     # auto (cgroups where writable, else rlimits) | cgroup (required) | rlimit.
     "RESOURCES": os.environ.get("NIMBUS_LOCAL_RESOURCES", "auto"),

@@ -98,6 +98,12 @@ def process_state(pid: int) -> str | None:
     return fields[0] if fields else None
 
 
+def parent_pid(pid: int) -> int | None:
+    """The parent of a process (stat field 4), None when gone."""
+    fields = _stat_fields(pid)
+    return int(fields[1]) if fields else None
+
+
 def _start_time(pid: int) -> int | None:
     fields = _stat_fields(pid)
     return int(fields[19]) if fields else None

@@ -9,6 +9,7 @@ import itertools
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import threading
@@ -97,18 +98,33 @@ def ensure_deps(runtime: str, files: dict[str, str], cache_dir: Path,
 
 
 def _seal(folder: Path) -> None:
-    """The install becomes the platform's: owned by this process, read-only to everyone else, so the
-    tenant's later processes (and nobody else's) can change it."""
+    """The install becomes the platform's: owned by this process, read-only to everyone else, so neither
+    the tenant's later processes nor anyone else's can change it. Walked by directory descriptors and
+    opened without following links: a process left over from the install cannot swap in a symlink to a
+    host file."""
     uid, gid = os.geteuid(), os.getegid()
-    for path in [folder, *folder.rglob("*")]:
-        if path.is_symlink():
-            with contextlib.suppress(OSError):
-                os.lchown(path, uid, gid)
-            continue
-        with contextlib.suppress(OSError):
-            os.chown(path, uid, gid)
-            mode = path.stat().st_mode
-            os.chmod(path, 0o755 if path.is_dir() or mode & 0o111 else 0o644)
+    for _, dirnames, filenames, dir_fd in os.fwalk(folder, follow_symlinks=False):
+        for name in [*dirnames, *filenames]:
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+            except OSError:  # a symlink (left as it is: it points inside the sandbox) or gone
+                with contextlib.suppress(OSError):
+                    os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+                continue
+            try:
+                info = os.fstat(fd)
+                if stat.S_ISDIR(info.st_mode) or stat.S_ISREG(info.st_mode):
+                    os.fchown(fd, uid, gid)
+                    executable = stat.S_ISDIR(info.st_mode) or info.st_mode & 0o111
+                    os.fchmod(fd, 0o755 if executable else 0o644)
+            finally:
+                os.close(fd)
+    fd = os.open(folder, os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY)
+    try:
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, 0o755)
+    finally:
+        os.close(fd)
 
 
 def cache_path(runtime: str, manifest_text: str, cache_dir: Path) -> Path:
@@ -142,12 +158,14 @@ def _run(launch: sandbox.Launch, what: str) -> str:
     return output
 
 
+# The operator's index and proxy settings the installers need (and nothing else of the portal's). The
+# tenant's install code can read them: use a mirror or proxy without credentials in its URL.
+OPERATOR_ENV = ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
+                "http_proxy", "https_proxy", "no_proxy", "npm_config_registry")
+
+
 def _installer_env(**extra: str) -> dict:
-    # The installer needs none of the portal's secrets: only its index and proxy settings.
-    keep = ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
-            "http_proxy", "https_proxy", "no_proxy", "npm_config_registry")
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
-    env.update({k: v for k, v in os.environ.items() if k in keep})
     env.update(extra)
     return env
 
@@ -174,6 +192,7 @@ def _launch(argv: list[str], work: Path, manifest_dir: Path, installer: Installe
         group=group, egress=installer.sandboxed, allow_cidrs=isolation.allow_cidrs if isolation else (),
         tmp_bytes=installer.memory_mb * 1024 * 1024, extra_ro=[*extra_ro, *installer.local_dirs],
         binds=[(str(work), INSIDE_TARGET)] if installer.sandboxed else [],
+        operator_env={k: v for k, v in os.environ.items() if k in OPERATOR_ENV},
         chdir=INSIDE_TARGET, cwd=str(work), stdin=subprocess.DEVNULL)
 
 
@@ -197,7 +216,7 @@ def _pip_install(requirements: str, work: Path, installer: Installer, isolation:
         env = _installer_env(PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_CACHE_DIR="1")
         launch = _launch(argv, work, folder, installer, isolation, extra, env)
         if installer.sandboxed:
-            launch.binds.append((pip_dir, f"{sandbox.SANDBOX_TOOLS}/pip"))
+            launch.ro_binds.append((pip_dir, f"{sandbox.SANDBOX_TOOLS}/pip"))
         try:
             return _run(launch, "pip")
         finally:

@@ -109,7 +109,12 @@ class LocalEngine:
 
     def _check_host(self) -> None:
         """Refuse to start where the tenants' uids could not reach their own code."""
-        if self.sandbox_mode != "bwrap" or os.geteuid() != 0:
+        if os.geteuid() != 0:
+            return
+        problem = sandbox.uid_range_problem(self.settings)
+        if problem:
+            raise EngineError(f"The sandbox's uid range is unsafe: {problem}.")
+        if self.sandbox_mode != "bwrap":
             return
         for folder in self.installer.local_dirs:
             if not sandbox.reachable(folder):
@@ -129,11 +134,22 @@ class LocalEngine:
             log.warning("local engine: NO SANDBOX (NIMBUS_LOCAL_SANDBOX=none): functions are not isolated from "
                         "the host, the portal or each other")
         else:
-            identity = ("per-tenant host uids from %s" % self.settings.get("SANDBOX_UID_BASE", 200000)
-                        if os.geteuid() == 0 else "the portal's own uid (not root: tenants are apart by namespaces)")
-            log.info("local engine: bubblewrap sandbox with seccomp, %s; egress %s", identity,
-                     egress.check() or "through slirp4netns with host and private ranges blocked")
-        log.info("local engine: resource control %s", self.resources.describe())
+            if os.geteuid() == 0:
+                log.info("local engine: bubblewrap sandbox with seccomp, per-tenant host uids from %s",
+                         self.settings.get("SANDBOX_UID_BASE", sandbox.DEFAULT_UID_BASE))
+            else:
+                log.warning("local engine: bubblewrap sandbox with seccomp, all tenants under the portal's own uid "
+                            "%s (the portal is not root): tenants are apart by namespaces only", os.geteuid())
+            problem = egress.check()
+            if problem:
+                log.warning("local engine: functions with egress cannot start here: %s", problem)
+            else:
+                log.info("local engine: egress through slirp4netns, the host and private ranges blocked")
+        if self.resources.kind == "rlimit":
+            log.warning("local engine: resource control by rlimits only (%s): memory per process, /tmp not "
+                        "counted, CPU by a userspace throttle", self.resources.describe())
+        else:
+            log.info("local engine: resource control %s", self.resources.describe())
 
     def isolation(self, spec: RevisionSpec) -> sandbox.Isolation:
         tenant_id = spec.function.tenant_id

@@ -14,8 +14,11 @@ import json
 import logging
 import os
 import signal
+import shutil
 import socket
+import struct
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -29,6 +32,7 @@ log = logging.getLogger(__name__)
 
 STARTING, READY, DEAD = "starting", "ready", "dead"
 _group_numbers = itertools.count(1)
+CREDENTIALS = struct.Struct("=iII")  # struct ucred: pid, uid, gid
 ZYGOTE_START_TIMEOUT = 30.0
 INSTANCE_START_TIMEOUT = 30.0
 
@@ -114,11 +118,16 @@ class ZygoteLauncher:
             self._stop_process()
             pool = self.pool
             engine_end, zygote_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            # Every message arrives with its sender's pid from the kernel (in this pid namespace): the
+            # engine never acts on a pid that code in the sandbox merely claims.
+            engine_end.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            self.zygote_pid = None
             argv, extra = sandbox.python_command(pool.layout, zygote=True, python=pool.isolation.python)
             # The fork server has its own cgroup, limited like an instance: what the handler allocates at
             # import (before any fork) is held to the function's memory.
             self.group = pool.new_group("z")
-            launch = pool.launch(argv, extra, self.group, NIMBUS_ZYGOTE_FD=str(zygote_end.fileno()))
+            launch = pool.launch(argv, extra, self.group, NIMBUS_ZYGOTE_FD=str(zygote_end.fileno()),
+                                 NIMBUS_TMP_ROOT=pool.tmp_root())
             launch.pass_fds = (zygote_end.fileno(),)
             self.ready_line = concurrent.futures.Future()
             self.early_output = collections.deque(maxlen=50)
@@ -146,7 +155,8 @@ class ZygoteLauncher:
                                   f"{ZYGOTE_START_TIMEOUT:.0f} s.") from None
             if not ready.get("ok"):
                 engine_end.close()
-                self.process.wait()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.process.wait(timeout=5)
                 out_of_memory = self.group is not None and self.group.oom_killed()
                 self._stop_process()
                 if out_of_memory:
@@ -186,18 +196,25 @@ class ZygoteLauncher:
     def _read_control(self, control: socket.socket) -> None:
         while True:
             try:
-                data = control.recv(65536)  # one message per packet
+                data, ancillary, _, _ = control.recvmsg(65536, socket.CMSG_SPACE(CREDENTIALS.size))
             except OSError:
                 data = b""
             if not data:
                 break
+            sender = None
+            for level, kind, value in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(value) >= CREDENTIALS.size:
+                    sender = CREDENTIALS.unpack_from(value)[0] or None
             try:
                 message = json.loads(data)
-            except ValueError:
-                continue
-            if isinstance(message, dict):
-                self._on_control(message)
+                if isinstance(message, dict):
+                    self._on_control(message, sender)
+            except Exception:  # noqa: BLE001 - the sandbox's messages are untrusted: one bad one is dropped
+                log.warning("revision %s: dropped a control message from the fork server",
+                            self.pool.spec.revision_id, exc_info=True)
         # The fork server is gone, and its instances with it.
+        with contextlib.suppress(OSError):
+            control.close()
         if self.ready_line is not None and not self.ready_line.done():
             self.ready_line.set_result({"ok": False})
         for inst in list(self.by_id.values()):
@@ -206,24 +223,30 @@ class ZygoteLauncher:
         if self.control is control:
             self.control = None
 
-    def _on_control(self, message: dict) -> None:
-        op, iid = message.get("op"), message.get("id")
-        if op == "forked":
+    def _on_control(self, message: dict, sender: int | None) -> None:
+        op, iid = message.get("op"), str(message.get("id"))
+        if op == "hello":
+            if self.zygote_pid is None:  # sent before any of the function's code ran
+                self.zygote_pid = sender
+        elif op == "forked":
             inst = self.by_id.get(iid)
-            if inst is not None:
-                inst.pid = message.get("pid")
-                if inst.group is not None:
-                    # Into its own cgroup before it serves anything: the handler's calls, what it writes
-                    # to /tmp and any process it starts are the instance's from here on.
-                    host = self.host_pid(inst)
-                    try:
-                        if host is None:
-                            raise ProcessLookupError(inst.pid)
-                        inst.group.add(host)
-                    except OSError:
-                        self._send({"op": "kill", "id": iid})
-                        return
-                self.pool.instance_ready(inst)
+            if inst is None or inst.pid is not None:
+                return
+            # Only a child of the fork server, speaking for itself, is an instance.
+            if sender is None or sender == self.zygote_pid or cpu.parent_pid(sender) != self.zygote_pid:
+                log.warning("revision %s: a fork report for %s not sent by a new instance was ignored",
+                            self.pool.spec.revision_id, iid)
+                return
+            inst.pid = sender
+            if inst.group is not None:
+                # Into its own cgroup before it serves anything: the handler's calls, what it writes
+                # to /tmp and any process it starts are the instance's from here on.
+                try:
+                    inst.group.add(sender)
+                except OSError:
+                    self._send({"op": "kill", "id": iid})
+                    return
+            self.pool.instance_ready(inst)
         elif op == "error":
             inst = self.by_id.pop(iid, None)
             if inst is not None:
@@ -232,7 +255,8 @@ class ZygoteLauncher:
             inst = self.by_id.pop(iid, None)
             if inst is not None:
                 code = message.get("code")
-                self.pool.instance_exited(inst, _describe_exit(code, self.pool.spec, inst.group))
+                self.pool.instance_exited(inst, _describe_exit(code if isinstance(code, int) else None,
+                                                               self.pool.spec, inst.group))
 
     def launch(self, inst: Instance) -> None:
         if not self.alive:
@@ -277,16 +301,12 @@ class ZygoteLauncher:
             return False
 
     def kill(self, inst: Instance) -> None:
+        # The fork server kills it and what it left behind; its cgroup goes (off this thread) when it exits.
         self._send({"op": "kill", "id": inst.id})
-        if inst.group is not None:
-            inst.group.kill_all()
 
     def host_pid(self, inst: Instance) -> int | None:
-        """The instance's pid on this machine (the fork server reports its pid inside the sandbox)."""
-        process = self.process
-        if not self.pool.layout.sandboxed or inst.pid is None:
-            return inst.pid
-        return cpu.host_pid(inst.pid, under=process.pid) if process is not None else None
+        """The instance's pid on this machine (the kernel's word for it: SCM_CREDENTIALS)."""
+        return inst.pid
 
     def _discard_group(self) -> None:
         group, self.group = self.group, None
@@ -296,6 +316,8 @@ class ZygoteLauncher:
     def _stop_process(self) -> None:
         control, self.control = self.control, None
         if control is not None:
+            with contextlib.suppress(OSError):
+                control.shutdown(socket.SHUT_RDWR)  # the fork server sees the end (close alone would not wake it)
             with contextlib.suppress(OSError):
                 control.close()
         process, self.process = self.process, None
@@ -363,14 +385,17 @@ class ProcessLauncher:
 
     def _spawn(self, inst: Instance) -> None:
         pool = self.pool
+        group = None
         try:
-            inst.group = pool.new_group("i")
+            group = inst.group = pool.new_group("i")
             listening = pool.listen(inst)
         except OSError as exc:
+            if group is not None:
+                group.remove()
             pool.instance_exited(inst, f"could not start: {exc}")
             return
         with listening:
-            launch = self._launch(inst.group, NIMBUS_LISTEN_FD=str(listening.fileno()), NIMBUS_INSTANCE=inst.id)
+            launch = self._launch(group, NIMBUS_LISTEN_FD=str(listening.fileno()), NIMBUS_INSTANCE=inst.id)
             launch.pass_fds = (listening.fileno(),)
             launch.stdin = subprocess.PIPE
             try:
@@ -378,9 +403,15 @@ class ProcessLauncher:
             except (OSError, EngineError) as exc:
                 pool.instance_exited(inst, f"could not start: {exc}")
                 return
-        inst.started = started
-        inst.process = started.process
-        inst.pid = started.pid
+        with pool.lock:
+            inst.started = started
+            inst.process = started.process
+            inst.pid = started.pid
+            gone = inst.state == DEAD
+        if gone:  # stopped (pool closed, start timed out) while it was being started: end it now
+            self.kill(inst)
+            if group is not None and inst.group is None:
+                group.remove()
 
         def on_line(record: dict) -> None:
             if record.get("nimbus") == "ready":
@@ -403,8 +434,6 @@ class ProcessLauncher:
                     os.kill(inst.pid, signal.SIGKILL)
                 else:
                     os.killpg(process.pid, signal.SIGKILL)
-        if inst.group is not None:
-            inst.group.kill_all()
 
     def host_pid(self, inst: Instance) -> int | None:
         return inst.pid  # the process, or the sandbox's init (bubblewrap reports its host pid)
@@ -435,7 +464,11 @@ def _describe_exit(code, spec: RevisionSpec, group: Group | None = None) -> str:
     if code == -signal.SIGXCPU:
         return "the instance used up its CPU time limit"
     if code < 0:
-        return f"the instance died from signal {signal.Signals(-code).name}"
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:  # a real-time signal has no name
+            name = str(-code)
+        return f"the instance died from signal {name}"
     return f"the instance exited with status {code}"
 
 
@@ -451,6 +484,7 @@ class Pool:
         # The engine's own folder (root's, mode 0700): the instances' sockets are bound here by the engine
         # and handed to them; nothing inside a sandbox can write here or reach another tenant's.
         self.socket_dir = socket_dir
+        self.private_tmp: str | None = None
         self.settings = settings
         self.on_log = on_log
         self.lock = threading.Lock()
@@ -486,6 +520,18 @@ class Pool:
             f"{kind}{spec.revision_id}-{next(_group_numbers)}", memory_bytes=spec.memory_mb * 1024 * 1024,
             pids_max=int(self.settings.get("INSTANCE_PROCESSES", 256)),
             cpu_millicores=spec.cpu_millicores if cpu.limited(spec.cpu_millicores) else None)
+
+    def tmp_root(self) -> str:
+        """Where instances keep their temporary folders: the sandbox's own /tmp, or without a sandbox a
+        private folder of the tenant's uid (never the host's shared /tmp)."""
+        if self.layout.sandboxed:
+            return "/tmp"
+        if self.private_tmp is None:
+            self.private_tmp = tempfile.mkdtemp(prefix=f"nimbus-{self.spec.revision_id}-")
+            identity = self.isolation.identity
+            if identity is not None:
+                os.chown(self.private_tmp, identity.uid, identity.gid)
+        return self.private_tmp
 
     def rlimits(self) -> dict:
         return sandbox.limits(self.spec, self.settings, cgroups=self.isolation.resources.kind != "rlimit")
@@ -570,6 +616,9 @@ class Pool:
                 self.release(inst)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
+                if isinstance(exc, asyncio.TimeoutError) and inst.state == STARTING:
+                    # It counts against max instances and holds a sandbox: not left half-started.
+                    await asyncio.to_thread(self.kill, inst, "the instance did not start in time")
                 raise InstanceFailed(inst.exit_reason or f"the instance did not start: {exc}") from None
         return inst, cold, (time.monotonic() - started) * 1000
 
@@ -587,8 +636,10 @@ class Pool:
             self.launcher.launch(launch)
         try:
             inst.ready.result(timeout=timeout)
-        except Exception:
+        except Exception as exc:
             self.release(inst)
+            if isinstance(exc, concurrent.futures.TimeoutError) and inst.state == STARTING:
+                self.kill(inst, "the instance did not start in time")
             raise InstanceFailed(inst.exit_reason or "the instance did not start in time") from None
         return inst
 
@@ -757,6 +808,8 @@ class Pool:
             for path in Path(self.socket_dir).iterdir():
                 path.unlink()
             os.rmdir(self.socket_dir)
+        if self.private_tmp is not None:
+            shutil.rmtree(self.private_tmp, ignore_errors=True)
 
     def snapshot(self) -> dict:
         with self.lock:

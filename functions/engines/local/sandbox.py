@@ -34,6 +34,9 @@ SANDBOX_DEPS = "/var/nimbus/deps"
 SANDBOX_RUNTIME = "/var/nimbus/runtime"
 SANDBOX_TOOLS = "/var/nimbus/tools"
 SANDBOX_UID = 65534
+# Far above the ranges useradd hands out in /etc/subuid (100000 + 65536 per user) and systemd's.
+DEFAULT_UID_BASE = 2_000_000_000
+DEFAULT_UID_COUNT = 65536
 # What the sandbox's /etc holds: written by the engine, so no host account or host name shows through.
 ETC_PASSWD = b"root:x:0:0::/:/usr/sbin/nologin\nnobody:x:65534:65534:nobody:/tmp:/usr/sbin/nologin\n"
 ETC_GROUP = b"root:x:0:\nnogroup:x:65534:\n"
@@ -73,10 +76,35 @@ def identity_for(tenant_id: int, settings: dict) -> Identity | None:
     processes then run as the portal's own uid: tenants are apart by namespaces, not by uid)."""
     if os.geteuid() != 0:
         return None
-    base = int(settings.get("SANDBOX_UID_BASE", 200000))
-    count = int(settings.get("SANDBOX_UID_COUNT", 65536))
-    uid = base + (int(tenant_id) % count)
+    base = int(settings.get("SANDBOX_UID_BASE", DEFAULT_UID_BASE))
+    count = int(settings.get("SANDBOX_UID_COUNT", DEFAULT_UID_COUNT))
+    if not 0 < int(tenant_id) < count:
+        # Wrapping around would give two tenants one uid: refuse rather than share.
+        raise EngineError(f"Tenant {tenant_id} is beyond the sandbox uid range (NIMBUS_SANDBOX_UID_COUNT={count}).")
+    uid = base + int(tenant_id)
     return Identity(uid, uid)
+
+
+def uid_range_problem(settings: dict) -> str | None:
+    """Why the configured uid range is unsafe (it overlaps a range /etc/subuid or /etc/subgid hands to a
+    user, who could then act as a tenant), or None."""
+    base = int(settings.get("SANDBOX_UID_BASE", DEFAULT_UID_BASE))
+    count = int(settings.get("SANDBOX_UID_COUNT", DEFAULT_UID_COUNT))
+    if base < 65536 or base + count > 2**31:
+        return f"NIMBUS_SANDBOX_UID_BASE={base} with COUNT={count} must lie between 65536 and 2^31"
+    for path in ("/etc/subuid", "/etc/subgid"):
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split(":")
+            if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+                start, length = int(parts[1]), int(parts[2])
+                if start < base + count and base < start + length:
+                    return (f"the sandbox uids {base}–{base + count - 1} overlap {path}'s range for {parts[0]} "
+                            f"({start}–{start + length - 1}): set NIMBUS_SANDBOX_UID_BASE elsewhere")
+    return None
 
 
 @functools.lru_cache(maxsize=4)
@@ -236,13 +264,13 @@ RLIMITS = {"cpu": "RLIMIT_CPU", "nofile": "RLIMIT_NOFILE", "core": "RLIMIT_CORE"
 
 
 def _set_limits(values: dict) -> None:
+    """In the child before exec; a limit that cannot be set stops the start (no weaker process)."""
     for name, value in values.items():
         which = getattr(resource, RLIMITS.get(name, ""), None)
         if which is None or value is None:
             continue
         hard = value + 5 if name == "cpu" else value  # SIGXCPU at the soft limit, SIGKILL shortly after
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(which, (value, hard))
+        resource.setrlimit(which, (value, hard))
 
 
 def _become(identity: Identity) -> None:
@@ -277,6 +305,10 @@ class Launch:
     tmp_bytes: int = 64 * 1024 * 1024
     extra_ro: list[str] = field(default_factory=list)
     binds: list[tuple[str, str]] = field(default_factory=list)  # (host, inside) read-write: installers only
+    ro_binds: list[tuple[str, str]] = field(default_factory=list)  # (host, inside) read-only
+    # The operator's own settings an installer needs (index URL, proxy): kept off the command line (which
+    # every host user can read), in the launcher's environment instead. Never anything of the tenant's.
+    operator_env: dict[str, str] = field(default_factory=dict)
     pass_fds: tuple[int, ...] = ()
     chdir: str = SANDBOX_CODE
     cwd: str | None = None
@@ -316,9 +348,12 @@ def bwrap_argv(launch: Launch, fds: dict[str, int]) -> list[str]:
     args += ["--ro-bind", str(RUNTIMES_DIR), SANDBOX_RUNTIME, "--ro-bind", str(layout.code_dir), SANDBOX_CODE]
     if layout.deps_dir is not None:
         args += ["--ro-bind", str(layout.deps_dir), SANDBOX_DEPS]
+    for host, inside in launch.ro_binds:
+        args += ["--ro-bind", host, inside]
     for host, inside in launch.binds:
         args += ["--bind", host, inside]
-    args.append("--clearenv")
+    if not launch.operator_env:
+        args.append("--clearenv")
     for name, value in launch.env.items():
         args += ["--setenv", name, value]
     args += ["--setenv", "NIMBUS_ENV_FD", str(fds["env"]), "--seccomp", str(fds["seccomp"]),
@@ -356,23 +391,28 @@ def start(launch: Launch, *, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) -
                 fds["block"], block_write = os.pipe()
                 ours += [fds["block"], block_write]
             argv = bwrap_argv(launch, fds)
-            env = dict(LAUNCHER_ENV)
+            env = {**LAUNCHER_ENV, **launch.operator_env}
         else:
             argv = launch.argv
-            env = {**launch.env, "NIMBUS_ENV_FD": str(fds["env"])}
+            env = {**launch.env, **launch.operator_env, "NIMBUS_ENV_FD": str(fds["env"])}
         inherited = tuple(fd for name, fd in fds.items()) + tuple(launch.pass_fds)
         identity, rlimits = launch.identity, launch.rlimits
 
+        parent = os.getpid()
+
         def prepare_child() -> None:
-            # In the child, before exec: die with the engine, join the cgroup, set limits, drop to the
-            # tenant's uid. Nothing here may allocate much or take locks.
-            _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            # In the child, before exec: join the cgroup, set limits, drop to the tenant's uid, then die
+            # with the engine (a change of uid clears the parent-death signal, so it comes last). Nothing
+            # here may allocate much or take locks.
             pid = str(os.getpid()).encode()
             for fd in join_fds:
                 os.write(fd, pid)
             _set_limits(rlimits)
             if identity is not None:
                 _become(identity)
+            _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != parent:  # the engine died in between
+                os._exit(1)
 
         process = subprocess.Popen(argv, env=env, cwd=launch.cwd or str(launch.layout.code_dir),
                                    stdin=launch.stdin, stdout=stdout, stderr=stderr, start_new_session=True,
@@ -384,15 +424,15 @@ def start(launch: Launch, *, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) -
         if launch.layout.sandboxed:
             pid = _read_child_pid(info_read)
             if pid is None:  # bubblewrap gave up before the sandbox ran: say why
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    process.wait(timeout=5)
-                output = process.stdout.read().decode("utf-8", "replace") if process.stdout else ""
-                raise EngineError(f"The sandbox could not start: {output.strip()[-500:] or process.returncode}")
+                raise EngineError(f"The sandbox could not start: {_last_words(process)}")
             if launch.egress:
                 network = egress.Network.attach(
                     pid, uid=identity.uid if identity else None, gid=identity.gid if identity else None,
                     allow_cidrs=launch.allow_cidrs)
-                os.write(block_write, b"1")
+                try:
+                    os.write(block_write, b"1")
+                except BrokenPipeError:
+                    raise EngineError(f"The sandbox ended before it ran: {_last_words(process)}") from None
         return Started(process=process, pid=pid, network=network)
     except BaseException as exc:
         if process is not None and process.poll() is None:
@@ -406,11 +446,24 @@ def start(launch: Launch, *, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) -
             raise EngineError(f"The function's network could not be set up: {exc}") from None
         if isinstance(exc, seccomp.SeccompUnavailable):
             raise EngineError(f"The sandbox's seccomp filter is not available: {exc}") from None
+        if isinstance(exc, (OSError, subprocess.SubprocessError)):
+            raise EngineError(f"The sandbox could not start: {exc}") from None
         raise
     finally:
         for fd in ours:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def _last_words(process: subprocess.Popen) -> str:
+    """What a sandbox that ended early printed (bubblewrap's reason), or its exit status."""
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=5)
+    output = ""
+    if process.stdout is not None:
+        with contextlib.suppress(OSError, ValueError):
+            output = process.stdout.read().decode("utf-8", "replace")
+    return output.strip()[-500:] or f"exit status {process.returncode}"
 
 
 def _read_child_pid(fd: int) -> int | None:

@@ -4,7 +4,10 @@ interpreter start). Standard library only; it runs inside the same sandbox as it
 
 Control protocol: JSON messages over the SOCK_SEQPACKET socket on fd ``NIMBUS_ZYGOTE_FD`` (one per packet).
   engine -> {"op": "fork", "id": ..., "limits": {...}}  + the instance's listening socket (SCM_RIGHTS)
-  zygote -> {"op": "forked", "id": ..., "pid": ...} | {"op": "error", "id": ..., "error": ...}
+  zygote -> {"op": "hello"}  (first, before any of the function's code runs)
+  instance -> {"op": "forked", "id": ...}  (sent by the new instance itself: the engine reads its pid
+             from the kernel's SCM_CREDENTIALS, never from the message)
+  zygote -> {"op": "error", "id": ..., "error": ...}
   engine -> {"op": "kill", "id": ...}
   zygote -> {"op": "exit", "id": ..., "code": ...}   (an instance ended, for whatever reason)
 The zygote exits, killing its instances, when the engine closes the control connection. Every instance
@@ -135,6 +138,7 @@ class Zygote:
         listening = socket.socket(fileno=listening_fd)
         tmp = self.tmp_dir(iid)
         try:
+            shutil.rmtree(tmp, ignore_errors=True)
             os.mkdir(tmp, 0o700)
             pid = os.fork()
         except OSError as exc:
@@ -146,7 +150,6 @@ class Zygote:
             self.child(iid, listening, message)
         listening.close()
         self.children[pid] = iid
-        self.send({"op": "forked", "id": iid, "pid": pid})
 
     def child(self, iid: str, listening: socket.socket, message: dict) -> None:
         code = 1
@@ -154,7 +157,6 @@ class Zygote:
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            self.conn.close()
             os.close(self.wake_r)
             os.close(self.wake_w)
             if self.libc is not None:
@@ -166,6 +168,10 @@ class Zygote:
             os.environ["TMPDIR"] = os.environ["HOME"] = self.tmp_dir(iid)
             os.environ.update(message.get("env") or {})
             apply_limits(message.get("limits") or {})
+            # Announced by the instance itself, so the kernel vouches for its pid; then the control
+            # connection is the zygote's alone again.
+            self.send({"op": "forked", "id": iid})
+            self.conn.close()
             asyncio.run(rt.serve(self.runtime, listening_sock=listening))
             code = 0
         except BaseException as exc:  # noqa: BLE001 - the engine learns of the exit; the log says why
@@ -192,7 +198,8 @@ class Zygote:
 
     @staticmethod
     def tmp_dir(iid: str) -> str:
-        return os.path.join("/tmp", "".join(c if c.isalnum() or c in "-_" else "_" for c in iid))
+        base = os.environ.get("NIMBUS_TMP_ROOT") or "/tmp"
+        return os.path.join(base, "".join(c if c.isalnum() or c in "-_" else "_" for c in iid))
 
     def kill_orphans(self) -> None:
         """Kill every child that is not an instance: what an ended instance left running, handed to this
@@ -240,6 +247,7 @@ def _warm_up() -> None:
 def main() -> None:
     rt.load_environment()
     control = socket.socket(fileno=int(os.environ.pop("NIMBUS_ZYGOTE_FD")))
+    control.send(b'{"op": "hello"}')  # before the function's code: the engine learns the zygote's own pid
     rt.configure_output()
     # Small thread stacks and few malloc arenas keep an instance's address space near its real use,
     # so the memory limit (RLIMIT_AS) measures what the function allocates.

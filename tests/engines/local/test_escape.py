@@ -427,12 +427,12 @@ def test_installers_run_as_the_tenant_without_the_host_network(make_engine, shar
                             runtime="python3.11", handler="handler.handle", files={})
         with pytest.raises(EngineError) as failed:
             ensure_deps("python3.11", {"requirements.txt": f"--no-index\n{package}\n"},
-                        engine.deps_root / "acme", engine.installer, engine.isolation(spec))
+                        engine._tenant_dir(engine.deps_root, spec), engine.installer, engine.isolation(spec))
     finally:
         stop.set()
     output = str(failed.value.details.get("output", ""))
     probe = re.search(r"PROBE uid=(\d+) loopback=(\w+) portal=(\w+)", output)
-    assert probe, output[-2000:]
+    assert probe, (str(failed.value), output[-2000:])
     assert probe.group(2) != "reached" and probe.group(3) != "read"
     assert probe.group(1) == "65534"  # nobody inside; on the host, the tenant's own uid
 

@@ -76,7 +76,9 @@ def test_environment_is_scrubbed_without_sandbox(make_engine, deploy, gateway, p
         function_env_set(acting_user=members["developer"], function=function, name="GREETING", value="hi")
         function_secret_set(acting_user=members["developer"], function=function, name="API_KEY", value="s3cr3t")
         function_deploy(acting_user=members["developer"], function=function)
-        result = gateway.get("/fn/acme/probe/").json()
+        response = gateway.get("/fn/acme/probe/")
+        assert response.status == 200, response
+        result = response.json()
     finally:
         del os.environ["NIMBUS_TEST_PORTAL_ONLY"]
     env = result["env"]

@@ -68,3 +68,16 @@ def _no_leftover_local_engine():
     if current is not None and type(current).__module__ == "functions.engines.local.engine":
         current.shutdown()
         engines.set_engine(None)
+
+
+@pytest.fixture
+def shared_tmp(settings):
+    """A folder the sandboxes' uids can read (pytest's tmp_path lives under a private folder)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(tempfile.mkdtemp(prefix="shared-", dir=settings.NIMBUS_DATA_DIR))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)

@@ -37,12 +37,12 @@ def database_env() -> dict:
                             f"{s['PORT'] or 5432}/{s['NAME']}"}
 
 
-def test_a_separate_worker_process_stops_gracefully_mid_queue(engine, deploy, start_worker, tmp_path):
+def test_a_separate_worker_process_stops_gracefully_mid_queue(engine, deploy, start_worker, shared_tmp):
     function, _ = deploy("slow", handler(SLOW_ECHO), max_instances=2)
     ids = [queue.enqueue(function=function, source="async", body=f'{{"n": {i}}}'.encode()).pk for i in range(16)]
     env = {k: v for k, v in os.environ.items()
            if k not in ("NIMBUS_TESTING", "DJANGO_SETTINGS_MODULE", "DATABASE_URL", "SQLITE_PATH")}
-    env.update({**database_env(), "DEBUG": "1", "NIMBUS_DATA_DIR": str(tmp_path),
+    env.update({**database_env(), "DEBUG": "1", "NIMBUS_DATA_DIR": str(shared_tmp),
                 "DJANGO_SETTINGS_MODULE": "portal.settings", "NIMBUS_WORKER": "external"})
     process = subprocess.Popen([sys.executable, "manage.py", "nimbus_worker", "--concurrency", "2", "--poll", "0.05",
                                 "--lease", "5", "--id", "process-worker", "--no-cron"],

@@ -27,9 +27,9 @@ def call(port, name):
         assert response.status == 200
 
 
-def test_monitor_and_live_tail_on_a_running_portal(tmp_path):
+def test_monitor_and_live_tail_on_a_running_portal(tmp_path, shared_tmp):
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "SQLITE_PATH", "REDIS_URL")}
-    env.update({"DJANGO_SETTINGS_MODULE": "portal.settings", "DEBUG": "1", "NIMBUS_DATA_DIR": str(tmp_path),
+    env.update({"DJANGO_SETTINGS_MODULE": "portal.settings", "DEBUG": "1", "NIMBUS_DATA_DIR": str(shared_tmp),
                 "NIMBUS_DEPLOY_INLINE": "1", "NIMBUS_SOCKET_DIR": str(tmp_path / "s")})
     manage = [sys.executable, str(ROOT / "manage.py")]
     for args in (["migrate", "--noinput"], ["shell", "-c", SETUP]):

@@ -62,9 +62,9 @@ def stop(process):
         process.wait()
 
 
-def test_prometheus_reads_the_function_request_count(tmp_path):
+def test_prometheus_reads_the_function_request_count(tmp_path, shared_tmp):
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "SQLITE_PATH", "REDIS_URL")}
-    env.update({"DJANGO_SETTINGS_MODULE": "portal.settings", "DEBUG": "1", "NIMBUS_DATA_DIR": str(tmp_path),
+    env.update({"DJANGO_SETTINGS_MODULE": "portal.settings", "DEBUG": "1", "NIMBUS_DATA_DIR": str(shared_tmp),
                 "NIMBUS_DEPLOY_INLINE": "1", "NIMBUS_SOCKET_DIR": str(tmp_path / "s"),
                 "NIMBUS_METRICS_TOKEN": TOKEN})
     manage = [sys.executable, str(ROOT / "manage.py")]

@@ -40,19 +40,6 @@ def make_engine():
 
 
 @pytest.fixture
-def shared_tmp(settings):
-    """A folder the sandboxes' uids can read (pytest's tmp_path lives under a private folder)."""
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    folder = Path(tempfile.mkdtemp(prefix="shared-", dir=settings.NIMBUS_DATA_DIR))
-    folder.chmod(0o755)
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-@pytest.fixture
 def engine(make_engine):
     return make_engine()
 

@@ -6,6 +6,7 @@ import tempfile
 os.environ.setdefault("NIMBUS_TESTING", "1")
 os.environ.setdefault("NIMBUS_DATA_DIR", tempfile.mkdtemp(prefix="nimbus-test-"))
 # The tenants' sandbox uids reach their code through this folder (searchable, not listable).
+os.makedirs(os.environ["NIMBUS_DATA_DIR"], exist_ok=True)
 os.chmod(os.environ["NIMBUS_DATA_DIR"], 0o711)
 
 from portal.settings import *  # noqa: E402,F403

@@ -148,6 +148,7 @@ def portal():
         subprocess.run([sys.executable, "manage.py", "nimbus_assets"], cwd=ROOT, check=True, timeout=300,
                        env={**os.environ, "DEBUG": "1"})
     workdir = Path(tempfile.mkdtemp(prefix="nide-"))  # short: unix socket paths are limited to 108 bytes
+    workdir.chmod(0o711)  # the tenants' sandbox uids reach their code through it
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "NIMBUS_TESTING": "1",
            # DEBUG serves static files through the finders (no collectstatic of Monaco's 14 MiB per run).
            "DEBUG": "1", "NIMBUS_DATA_DIR": str(workdir), "NIMBUS_REDIS_PREFIX": f"nide-{secrets.token_hex(4)}",

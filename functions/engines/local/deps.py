@@ -59,6 +59,7 @@ class Installer:
     local_dirs: tuple[str, ...] = ()
     python: str = ""
     memory_mb: int = 1024
+    tools_root: str = ""  # where a reachable copy of pip goes when the portal's virtualenv is private
 
 
 def ensure_deps(runtime: str, files: dict[str, str], cache_dir: Path,
@@ -179,7 +180,9 @@ PIP_MAIN = ("import sys; sys.path.insert(0, sys.argv.pop(1)); sys.argv[0] = 'pip
 
 def _launch(argv: list[str], work: Path, manifest_dir: Path, installer: Installer,
             isolation: sandbox.Isolation | None, extra_ro: list[str], env: dict) -> sandbox.Launch:
-    layout = sandbox.Layout(code_dir=manifest_dir, deps_dir=None, sandboxed=installer.sandboxed)
+    layout = sandbox.Layout(code_dir=manifest_dir, deps_dir=None, sandboxed=installer.sandboxed,
+                            runtime_dir=sandbox.reachable_copy(sandbox.RUNTIMES_DIR, Path(installer.tools_root))
+                            if installer.tools_root else sandbox.RUNTIMES_DIR)
     group = None
     if isolation is not None:
         group = isolation.resources.group(f"b{next(_build_numbers)}", memory_bytes=installer.memory_mb * 1024 * 1024,
@@ -203,6 +206,8 @@ def _pip_install(requirements: str, work: Path, installer: Installer, isolation:
     os.chmod(folder / "requirements.txt", 0o644)
     python = sandbox.python_executable(installer.python)
     pip_dir = sandbox.pip_package_dir()
+    if installer.tools_root:
+        pip_dir = str(sandbox.reachable_copy(Path(pip_dir), Path(installer.tools_root)))
     tools = str(Path(pip_dir).parent)
     try:
         if installer.sandboxed:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import dataclasses
 import itertools
 import logging
 import os
@@ -84,12 +85,16 @@ class LocalEngine:
                                    python=self.python)
         self.code_root = Path(self.settings["CODE_DIR"])
         self.deps_root = Path(self.settings["DEPS_CACHE_DIR"])
+        # Copies of the runtime shims and pip when the checkout sits in a folder the tenants cannot enter.
+        self.tools_root = self.code_root.parent / "sandbox-tools"
         socket_root = Path(self.settings.get("SOCKET_DIR") or tempfile.gettempdir())
         # Short, per-engine socket folders (unix socket paths are limited to 107 bytes), the engine's own.
         socket_root.mkdir(parents=True, exist_ok=True)
         self.socket_root = socket_root / f"{os.getpid()}-{next(_sequence)}"
         self.socket_root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._check_host()
+        self.runtime_dir = sandbox.reachable_copy(sandbox.RUNTIMES_DIR, self.tools_root)
+        self.installer = dataclasses.replace(self.installer, tools_root=str(self.tools_root))
         self.routes = RouteTable(ttl=route_ttl)
         self.routes.on_load = self._retire_unrouted_revisions
         self.records = RecordsWriter(self.settings.get("RETENTION"))
@@ -426,7 +431,8 @@ class LocalEngine:
 
     def _new_pool(self, spec: RevisionSpec, deps_path: Path | None) -> Pool:
         code_dir = self._write_code(spec)
-        layout = sandbox.Layout(code_dir=code_dir, deps_dir=deps_path, sandboxed=self.sandbox_mode == "bwrap")
+        layout = sandbox.Layout(code_dir=code_dir, deps_dir=deps_path, sandboxed=self.sandbox_mode == "bwrap",
+                                runtime_dir=self.runtime_dir)
         return Pool(spec=spec, layout=layout, socket_dir=self.socket_root / str(spec.revision_id),
                     isolation=self.isolation(spec), settings=self.settings,
                     on_log=lambda record, s=spec: self._on_log(s, record), use_zygote=self.use_zygote,

@@ -13,8 +13,9 @@ import itertools
 import json
 import logging
 import os
-import signal
+import re
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from functions.engines.base import RevisionSpec
 from functions.engines.local import cpu, sandbox
-from functions.engines.local.resources import Controller, Group
+from functions.engines.local.resources import Group
 from portal.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -374,8 +375,8 @@ class ProcessLauncher:
                 if group is not None and group.oom_killed():
                     raise EngineError(f"Importing the handler needed more than the function's "
                                       f"{self.pool.spec.memory_mb} MB of memory.", details={"output": output})
-                last = output.strip().splitlines()[-1] if output.strip() else f"exit status {started.process.returncode}"
-                raise EngineError(f"The handler could not be imported: {last}", details={"output": output})
+                raise EngineError(f"The handler could not be imported: {_error_line(output, started.process.returncode)}",
+                                  details={"output": output})
         finally:
             if group is not None:
                 group.remove()
@@ -452,6 +453,14 @@ def _messages(output: str) -> str:
         except ValueError:
             lines.append(line)
     return "\n".join(lines)
+
+
+def _error_line(output: str, code) -> str:
+    """The line of an import failure that says what went wrong (Node puts it above the stack)."""
+    lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
+    if not lines:
+        return f"exit status {code}"
+    return next((line for line in lines if re.search(r"\b[A-Z]\w*Error\b", line)), lines[-1])
 
 
 def _describe_exit(code, spec: RevisionSpec, group: Group | None = None) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,6 +157,34 @@ def reachable(path: str | Path) -> bool:
         return False
 
 
+def reachable_copy(source: Path, root: Path) -> Path:
+    """``source`` when every uid may reach it, else a read-only copy of it under ``root`` (named by its
+    content), for a checkout or virtualenv in a private folder that the tenants' uids cannot enter."""
+    source = Path(source)
+    if os.geteuid() != 0 or reachable(source):
+        return source
+    digest = hashlib.sha256()
+    for path in sorted(source.rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            digest.update(f"{path.relative_to(source)}\0{path.stat().st_size}\0{path.stat().st_mtime_ns}\0".encode())
+    container = Path(root) / f"{source.name}-{digest.hexdigest()[:16]}"
+    target = container / source.name  # keeps its name: a package (pip) is imported by it
+    if target.is_dir():
+        return target
+    Path(root).mkdir(parents=True, exist_ok=True)
+    os.chmod(root, 0o755)
+    work = Path(tempfile.mkdtemp(prefix=f".{container.name}-", dir=root))
+    shutil.copytree(source, work / source.name, ignore=shutil.ignore_patterns("__pycache__"))
+    for path in [work, *work.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    try:
+        os.rename(work, container)
+    except OSError:  # made meanwhile by another engine
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
 def python_executable(configured: str = "") -> str:
     """The interpreter functions run on: the configured one, else the portal's base interpreter when the
     tenants' uids can reach it, else the system's interpreter of the same version."""
@@ -191,6 +221,7 @@ class Layout:
     code_dir: Path
     deps_dir: Path | None
     sandboxed: bool
+    runtime_dir: Path = RUNTIMES_DIR  # the shims (a reachable copy when the checkout is private)
 
     def inside(self, host_path: Path) -> str:
         """The path a process inside the sandbox uses for ``host_path``."""
@@ -198,7 +229,7 @@ class Layout:
             return str(host_path)
         host_path = Path(host_path)
         for host, inner in ((self.code_dir, SANDBOX_CODE), (self.deps_dir, SANDBOX_DEPS),
-                            (RUNTIMES_DIR, SANDBOX_RUNTIME)):
+                            (self.runtime_dir, SANDBOX_RUNTIME)):
             if host is not None and (host_path == host or host in host_path.parents):
                 return str(Path(inner) / host_path.relative_to(host))
         raise ValueError(f"{host_path} is not visible inside the sandbox")
@@ -345,7 +376,7 @@ def bwrap_argv(launch: Launch, fds: dict[str, int]) -> list[str]:
         args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
     for path in launch.extra_ro:
         args += ["--ro-bind", path, path]
-    args += ["--ro-bind", str(RUNTIMES_DIR), SANDBOX_RUNTIME, "--ro-bind", str(layout.code_dir), SANDBOX_CODE]
+    args += ["--ro-bind", str(layout.runtime_dir), SANDBOX_RUNTIME, "--ro-bind", str(layout.code_dir), SANDBOX_CODE]
     if layout.deps_dir is not None:
         args += ["--ro-bind", str(layout.deps_dir), SANDBOX_DEPS]
     for host, inside in launch.ro_binds:
@@ -495,7 +526,7 @@ def python_command(layout: Layout, *, zygote: bool, python: str = "") -> tuple[l
     """(argv, extra read-only binds) for the Python shim or its fork server."""
     exe = python_executable(python)
     script = "nimbus_zygote.py" if zygote else "nimbus_runtime.py"
-    script_path = layout.inside(RUNTIMES_DIR / "python" / script)
+    script_path = layout.inside(layout.runtime_dir / "python" / script)
     extra = interpreter_roots(exe) if layout.sandboxed else []
     # -I -S: no site hooks, no user or portal packages, no PYTHON* variables (and ~60 ms faster).
     return [exe, "-I", "-S", script_path], extra
@@ -505,6 +536,6 @@ def node_command(layout: Layout, memory_mb: int) -> tuple[list[str], list[str]]:
     exe = node_executable()
     if exe is None:
         raise RuntimeError("Node.js is not installed on this machine.")
-    script_path = layout.inside(RUNTIMES_DIR / "node" / "shim.js")
+    script_path = layout.inside(layout.runtime_dir / "node" / "shim.js")
     extra = interpreter_roots(exe) if layout.sandboxed else []
     return [exe, f"--max-old-space-size={max(16, memory_mb - 32)}", script_path], extra

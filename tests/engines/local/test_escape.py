@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from functions.engines.local import cpu
 from tests.engines.local.conftest import needs_bwrap, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), needs_bwrap]
@@ -314,19 +313,32 @@ def test_filling_tmp_is_held_to_the_functions_memory(engine, deploy, gateway):
     assert listing["tmp"] == []
 
 
-def test_memory_at_import_is_limited_python(engine, deploy):
+@pytest.mark.parametrize("resources", ["cgroup", "rlimit"])
+def test_memory_at_import_is_limited_python(make_engine, deploy, resources):
+    _engine_with(make_engine, resources)
     code = "BLOB = bytearray(600 * 1024 * 1024)\n\ndef handle(event, context):\n    return len(BLOB)\n"
     _, revision = deploy("fatimport", {"handler.py": code}, memory_mb=128, expect_ready=False)
     assert revision.status == "failed"
     assert "memory" in revision.status_message.lower() or "MemoryError" in revision.status_message
 
 
-def test_memory_at_import_is_limited_node(engine, deploy):
+@pytest.mark.parametrize("resources", ["cgroup", "rlimit"])
+def test_memory_at_import_is_limited_node(make_engine, deploy, resources):
+    _engine_with(make_engine, resources)
     code = "const blob = Buffer.alloc(1024 * 1024 * 1024, 1);\nmodule.exports.handle = async () => blob.length;\n"
     _, revision = deploy("fatnode", {"handler.js": code}, runtime="node20", memory_mb=144, expect_ready=False)
     assert revision.status == "failed"
     message = revision.status_message.lower()
     assert "memory" in message or "allocation failed" in message, revision.status_message
+
+
+def _engine_with(make_engine, resources):
+    from functions.engines.local.resources import ResourceControlUnavailable
+
+    try:
+        return make_engine(resources=resources)
+    except ResourceControlUnavailable as exc:
+        pytest.skip(f"cgroups are not writable here: {exc}")
 
 
 DETACH_PY = """

@@ -177,3 +177,42 @@ def test_no_network_unless_egress_and_never_the_host(make_engine, deploy, gatewa
     assert closed["connected"] is False
     # Egress is the outside world, never the host: its loopback stays out of reach.
     assert opened["connected"] is False
+
+
+@needs_bwrap
+def test_a_private_checkout_still_runs_functions(make_engine, deploy, gateway, tmp_path, monkeypatch):
+    """A checkout in a folder the tenants' uids cannot enter (pytest's tmp_path is one): the engine runs
+    the shims from a read-only copy under its data folder instead of failing every start."""
+    import shutil
+
+    from functions.engines.local import sandbox
+
+    private = tmp_path / "checkout" / "runtimes"
+    shutil.copytree(sandbox.RUNTIMES_DIR, private)
+    assert not sandbox.reachable(private)
+    monkeypatch.setattr(sandbox, "RUNTIMES_DIR", private)
+    engine = make_engine(sandbox_mode="bwrap")
+    assert engine.runtime_dir != private and sandbox.reachable(engine.runtime_dir)
+    assert (engine.runtime_dir / "python" / "nimbus_zygote.py").read_bytes() == \
+        (private / "python" / "nimbus_zygote.py").read_bytes()
+    deploy("private", {"handler.py": "def handle(event, context):\n    return 'from a copy'\n"})
+    assert gateway.get("/fn/acme/private/").text == "from a copy"
+
+
+def test_tenant_uids_never_wrap_or_overlap_subordinate_ranges(tmp_path, monkeypatch):
+    from functions.engines.local import sandbox
+    from portal.errors import EngineError
+
+    if os.geteuid() != 0:
+        pytest.skip("identities are only used when the portal is root")
+    settings_ = {"SANDBOX_UID_BASE": 3_000_000, "SANDBOX_UID_COUNT": 1000}
+    assert sandbox.identity_for(7, settings_) == sandbox.Identity(3_000_007, 3_000_007)
+    with pytest.raises(EngineError, match="beyond the sandbox uid range"):
+        sandbox.identity_for(1000, settings_)  # would be tenant 0's uid with a wrap-around
+    subuid = tmp_path / "subuid"
+    subuid.write_text("alice:100000:65536\nbob:3000500:65536\n")
+    real = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: real(subuid) if str(self) == "/etc/subuid"
+                        else real(self, *a, **k))
+    assert "overlap /etc/subuid's range for bob" in sandbox.uid_range_problem(settings_)
+    assert sandbox.uid_range_problem({"SANDBOX_UID_BASE": 4_000_000, "SANDBOX_UID_COUNT": 1000}) is None

@@ -20,19 +20,47 @@ def env_list(name: str, default: str) -> list[str]:
 
 
 DEBUG = env_bool("DEBUG", False)
-# The development key only ever applies with DEBUG on or under tests; a production start
-# without SECRET_KEY fails loudly instead of running with a guessable key.
+# Where Nimbus keeps its own files: SQLite database, revision code, dependency cache, development keys.
+NIMBUS_DATA_DIR = Path(os.environ.get("NIMBUS_DATA_DIR", BASE_DIR / "var")).resolve()
+# Signed by the development key and encrypted by the development secrets key before installs made their
+# own: kept for reading only (decrypting old secrets), never for signing or new secrets.
+LEGACY_DEVELOPMENT_KEY = "dev-insecure-nimbus-key-change-me"
+
+
+def local_key(name: str, make) -> list[str]:
+    """Keys of a development install: made at random on first use and kept in the data folder with mode
+    0600, so no two installs share one and restarts keep them. One key per line, newest first."""
+    path = NIMBUS_DATA_DIR / name
+    if not path.exists():
+        NIMBUS_DATA_DIR.mkdir(parents=True, exist_ok=True)
+        lines = [make()]
+        if name == "secrets-key" and (NIMBUS_DATA_DIR / "nimbus.sqlite3").exists():
+            # An older install encrypted its secrets with the key derived from the public development key.
+            import base64
+            import hashlib
+
+            digest = hashlib.sha256(b"nimbus-secrets:" + LEGACY_DEVELOPMENT_KEY.encode()).digest()
+            lines.append(base64.urlsafe_b64encode(digest).decode())
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it first: use theirs
+            pass
+        else:
+            with os.fdopen(fd, "w") as file:
+                file.write("\n".join(lines) + "\n")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+# A production start without SECRET_KEY fails loudly; a development run (DEBUG) or the tests get a random
+# key of their own install, never a key written in the source.
+DEVELOPMENT = DEBUG or bool(os.environ.get("NIMBUS_TESTING"))
 SECRET_KEY = os.environ.get("SECRET_KEY") or (
-    "dev-insecure-nimbus-key-change-me" if DEBUG or os.environ.get("NIMBUS_TESTING") else ""
-)
+    local_key("secret-key", lambda: __import__("secrets").token_urlsafe(50))[0] if DEVELOPMENT else "")
 if not SECRET_KEY:
     raise RuntimeError("SECRET_KEY must be set (or DEBUG=1 for a development run)")
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "127.0.0.1,localhost,testserver")
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", "")
-
-# Where Nimbus keeps its own files: SQLite database, revision code, dependency cache.
-NIMBUS_DATA_DIR = Path(os.environ.get("NIMBUS_DATA_DIR", BASE_DIR / "var")).resolve()
 
 INSTALLED_APPS = [
     "daphne",
@@ -108,10 +136,18 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # Channel layer: in-memory by default, Redis with REDIS_URL.
 REDIS_URL = os.environ.get("REDIS_URL", "")
 if REDIS_URL:
+    REDIS_SOCKET_TIMEOUT = float(os.environ.get("NIMBUS_REDIS_SOCKET_TIMEOUT", "30"))
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "prefix": os.environ.get("NIMBUS_REDIS_PREFIX", "nimbus")},
+            "CONFIG": {
+                # The layer's blocking receive waits up to 5 s on the server: redis-py's own 5 s socket
+                # timeout would cut it (and drop every idle IDE socket); a longer one, keep-alives and a
+                # health check still notice a Redis that is gone.
+                "hosts": [{"address": REDIS_URL, "socket_timeout": REDIS_SOCKET_TIMEOUT, "socket_connect_timeout": 5,
+                           "socket_keepalive": True, "health_check_interval": 30, "retry_on_timeout": True}],
+                "prefix": os.environ.get("NIMBUS_REDIS_PREFIX", "nimbus"),
+            },
         }
     }
 else:
@@ -204,7 +240,9 @@ if not DEBUG and not os.environ.get("NIMBUS_TESTING"):
 NIMBUS_ENGINE = os.environ.get("NIMBUS_ENGINE", "local")
 # Key(s) for secrets at rest, comma-separated Fernet keys, newest first (rotation).
 # Without it a key is derived from SECRET_KEY so a development install works out of the box.
-NIMBUS_SECRETS_KEYS = env_list("NIMBUS_SECRETS_KEYS", "")
+NIMBUS_SECRETS_KEYS = env_list("NIMBUS_SECRETS_KEYS", "") or (
+    local_key("secrets-key", lambda: __import__("cryptography.fernet").fernet.Fernet.generate_key().decode())
+    if DEVELOPMENT and not os.environ.get("SECRET_KEY") else [])
 # Public base URL of the portal, used for invoke URLs shown to users.
 NIMBUS_PUBLIC_URL = os.environ.get("NIMBUS_PUBLIC_URL", "http://127.0.0.1:8000").rstrip("/")
 # Largest single source file and whole draft a function may have.

@@ -1,9 +1,12 @@
 """Test settings: the portal's settings with test-friendly defaults (fast hashing, temp data dir)."""
 
 import os
+import secrets
 import tempfile
 
 os.environ.setdefault("NIMBUS_TESTING", "1")
+# One random key for the run, inherited by the portal and worker processes that tests start.
+os.environ.setdefault("SECRET_KEY", "test-" + secrets.token_urlsafe(40))
 os.environ.setdefault("NIMBUS_DATA_DIR", tempfile.mkdtemp(prefix="nimbus-test-"))
 # The tenants' sandbox uids reach their code through this folder (searchable, not listable).
 os.makedirs(os.environ["NIMBUS_DATA_DIR"], exist_ok=True)

@@ -278,7 +278,8 @@ class Trigger(models.Model):
 
 
 class RetryPolicy(models.Model):
-    """How the queue retries a function's async, cron, event and sequence deliveries."""
+    """How the queue retries a function's async, cron, event and sequence deliveries, and where the
+    results of its async calls go when the caller names no callback."""
 
     function = models.OneToOneField(Function, on_delete=models.CASCADE, related_name="retry_policy")
     max_attempts = models.PositiveIntegerField(default=3, validators=[MinValueValidator(1), MaxValueValidator(100)])
@@ -286,6 +287,9 @@ class RetryPolicy(models.Model):
     backoff_max_seconds = models.FloatField(default=300.0, validators=[MinValueValidator(0.0),
                                                                        MaxValueValidator(86400)])
     max_event_age_seconds = models.PositiveIntegerField(default=86400, validators=[MinValueValidator(1)])
+    # Set by the function's developers: only an authenticated caller may name a callback per call, so
+    # this is how a public function's anonymous callers get their results posted somewhere.
+    callback_url = models.URLField(max_length=2000, blank=True)
 
     def __str__(self):
         return f"retry policy of {self.function}"

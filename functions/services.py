@@ -33,10 +33,11 @@ from portal.errors import (
     StaleVersion,
     ValidationFailed,
 )
+from portal.text import shown, unstorable
 from tenancy.models import Tenant
 from tenancy.permissions import FUNCTION_PERMS, SHARE_LEVELS
 from tenancy.selectors import user_can_tenant
-from tenancy.services import audit_record, full_clean_or_raise, role_group
+from tenancy.services import audit_record, full_clean_or_raise, require_tenant_locked, role_group, tenant_locked
 
 log = logging.getLogger(__name__)
 User = get_user_model()
@@ -44,7 +45,7 @@ User = get_user_model()
 CONFIG_FIELDS = ("runtime", "handler", "description", "memory_mb", "cpu_millicores", "gpus", "timeout_seconds",
                  "concurrency", "min_instances", "max_instances", "invoke_auth", "allow_egress", "debug")
 # Fields that only shape what the next deploy runs; the others (description) apply at once.
-PATH_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+PATH_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 DEFAULT_HANDLER = {Runtime.PYTHON: "handler.handle", Runtime.NODE: "handler.handle"}
 HANDLER_FILE_SUFFIX = {Runtime.PYTHON: ".py", Runtime.NODE: ".js"}
 
@@ -55,7 +56,11 @@ def validate_path(path: str) -> str:
     """A safe relative path inside the function's folder, normalised; InvalidSource otherwise."""
     if not isinstance(path, str) or not path.strip():
         raise InvalidSource("A file needs a name.", field="path")
-    if "\\" in path or path.startswith("/") or "\x00" in path:
+    reason = unstorable(path)
+    if reason:
+        raise InvalidSource(f"'{shown(path)}' holds {reason}; names use letters, digits, '.', '_' and '-'.",
+                            field="path")
+    if "\\" in path or path.startswith("/"):
         raise InvalidSource(f"'{path}': use a relative path with forward slashes.", field="path")
     parts = path.strip().split("/")
     if len(path) > 255 or len(parts) > 8:
@@ -63,7 +68,8 @@ def validate_path(path: str) -> str:
     for part in parts:
         if part in ("", ".", ".."):
             raise InvalidSource(f"'{path}': empty, '.' and '..' path segments are not allowed.", field="path")
-        if not PATH_SEGMENT.match(part):
+        # fullmatch: with match, "$" also accepts a trailing newline ("a.py\n/b.py" would pass).
+        if not PATH_SEGMENT.fullmatch(part):
             raise InvalidSource(
                 f"'{path}': names use letters, digits, '.', '_' and '-' and do not start with '.' or '-'.",
                 field="path")
@@ -81,6 +87,9 @@ def validate_files(files: dict[str, str]) -> dict[str, str]:
         path = validate_path(path)
         if not isinstance(content, str):
             raise InvalidSource(f"'{path}': file content must be text.", field="files")
+        reason = unstorable(content)
+        if reason:
+            raise InvalidSource(f"'{path}' holds {reason}; a function's files must be plain text.", field="files")
         size = len(content.encode())
         if size > settings.NIMBUS_MAX_FILE_BYTES:
             raise InvalidSource(
@@ -134,8 +143,14 @@ def syntax_errors(runtime: str, files: dict[str, str]) -> list[dict]:
     return markers
 
 
-def _check_quota(tenant: Tenant, function: Function) -> None:
+def _check_quota(tenant: Tenant, function: Function, *, creating: bool = False) -> None:
+    """Refuse (QuotaExceeded) a function whose settings, with the tenant's other functions, go past
+    the tenant's quota. Only under ``tenant_locked(tenant)``, whose fresh quota it reads, and before
+    the write it guards: otherwise two requests pass on the same usage and overshoot together."""
+    require_tenant_locked(tenant)
     quota = tenant.quota
+    if creating and Function.objects.filter(tenant=tenant).count() >= quota.max_functions:
+        raise QuotaExceeded(f"Tenant {tenant.slug} has reached its limit of {quota.max_functions} functions.")
     if function.memory_mb > quota.max_memory_mb_per_function:
         raise QuotaExceeded(f"Memory {function.memory_mb} MB exceeds the tenant's limit of "
                             f"{quota.max_memory_mb_per_function} MB per function.", field="memory_mb")
@@ -199,11 +214,9 @@ def function_create(*, acting_user, tenant: Tenant, name: str, runtime: str = Ru
         except KeyError:
             raise ValidationFailed(f"There is no '{starter}' starter for {runtime}.", field="starter") from None
     files = validate_files(files)
-    with transaction.atomic():
-        locked = Tenant.objects.select_for_update(of=("self",)).select_related("quota").get(pk=tenant.pk)
-        if Function.objects.filter(tenant=locked).count() >= locked.quota.max_functions:
-            raise QuotaExceeded(f"Tenant {tenant.slug} has reached its limit of {locked.quota.max_functions} functions.")
-        _check_quota(locked, function)
+    with tenant_locked(tenant) as locked:
+        _require_active(locked)
+        _check_quota(locked, function, creating=True)
         try:
             with transaction.atomic():
                 function.save()
@@ -227,23 +240,30 @@ def function_update(*, acting_user, function: Function, **config) -> Function:
     unknown = set(config) - set(CONFIG_FIELDS)
     if unknown:
         raise ValidationFailed(f"Unknown setting(s): {', '.join(sorted(unknown))}.")
-    if "runtime" in config and config["runtime"] != function.runtime and function.revisions.exists():
-        raise ValidationFailed("The runtime cannot change once a function has been deployed; create a new function.",
-                               field="runtime")
-    changes = {}
-    for field, value in config.items():
-        old = getattr(function, field)
-        if old != value:
-            changes[field] = [old, value]
-            setattr(function, field, value)
-    full_clean_or_raise(function)
-    if not changes:
-        return function
-    with transaction.atomic():
-        _check_quota(Tenant.objects.select_related("quota").get(pk=function.tenant_id), function)
-        function.save()
-        audit_record(actor=acting_user, action="function.update", tenant=function.tenant, target=function,
-                     details=changes)
+    with tenant_locked(function.tenant_id) as tenant:
+        # The row as it is now, not as the caller loaded it: the quota is checked on what will be
+        # saved, and only the fields changed here are written (a concurrent save keeps its own).
+        current = Function.objects.select_for_update(of=("self",)).filter(pk=function.pk).first()
+        if current is None:
+            raise NotFound("Function not found.")
+        current.tenant = tenant
+        if "runtime" in config and config["runtime"] != current.runtime and current.revisions.exists():
+            raise ValidationFailed("The runtime cannot change once a function has been deployed; "
+                                   "create a new function.", field="runtime")
+        changes = {}
+        for field, value in config.items():
+            old = getattr(current, field)
+            if old != value:
+                changes[field] = [old, value]
+                setattr(current, field, value)
+        full_clean_or_raise(current)
+        if changes:
+            _check_quota(tenant, current)
+            current.save(update_fields=[*changes, "updated_at"])
+            audit_record(actor=acting_user, action="function.update", tenant=tenant, target=current,
+                         details=changes)
+    for field in (*CONFIG_FIELDS, "updated_at"):
+        setattr(function, field, getattr(current, field))
     return function
 
 
@@ -501,12 +521,14 @@ def function_deploy(*, acting_user, function: Function, message: str = "", promo
     """
     _require(acting_user, function, "deploy")
     _require_active(function.tenant)
-    with transaction.atomic():
-        function = Function.objects.select_for_update(of=("self",)).select_related("tenant__quota").get(pk=function.pk)
+    # The tenant first, then the function: every service takes the two locks in that order.
+    with tenant_locked(function.tenant_id) as tenant:
+        function = Function.objects.select_for_update(of=("self",)).get(pk=function.pk)
+        function.tenant = tenant
         files = function_files(function)
         validate_files(files)
         check_source(function.runtime, function.handler, files)
-        _check_quota(function.tenant, function)
+        _check_quota(tenant, function)
         number = (Revision.objects.filter(function=function).aggregate(n=Max("number"))["n"] or 0) + 1
         revision = Revision.objects.create(
             function=function, number=number, content_hash=content_hash(files), files=files,
@@ -573,8 +595,10 @@ def run_deploy(revision_id: int, *, promote: bool = True) -> Revision:
             status=Revision.Status.READY, status_message="", deployed_at=timezone.now())
         if promote:
             _write_traffic(function, traffic)
-        if function.state != Function.State.OFFLINE:
-            Function.objects.filter(pk=function.pk).update(state=Function.State.DEPLOYED)
+        # Decided by the row, not by the state loaded before the deploy: a function taken offline
+        # meanwhile stays offline (coming back online goes through the quota check).
+        Function.objects.filter(pk=function.pk).exclude(state=Function.State.OFFLINE).update(
+            state=Function.State.DEPLOYED)
     progress(DeployEvent("done", "ok", f"Revision {revision.number} is ready."))
     revision.refresh_from_db()
     return revision
@@ -674,12 +698,20 @@ def function_bring_online(*, acting_user, function: Function) -> Function:
     _require(acting_user, function, "deploy")
     if function.state != Function.State.OFFLINE:
         return function
-    state = Function.State.DEPLOYED if TrafficTarget.objects.filter(function=function).exists() else Function.State.DRAFT
     ref = function_ref(function)
-    with transaction.atomic():
-        _check_quota(Tenant.objects.select_related("quota").get(pk=function.tenant_id), function)
-        Function.objects.filter(pk=function.pk).update(state=state)
+    with tenant_locked(function.tenant_id) as tenant:
+        # Back online, the function's reservation counts again: checked on its settings as they are now.
+        current = Function.objects.select_for_update(of=("self",)).filter(pk=function.pk).first()
+        if current is None:
+            raise NotFound("Function not found.")
+        if current.state != Function.State.OFFLINE:
+            function.state = current.state
+            return function
+        _check_quota(tenant, current)
+        state = (Function.State.DEPLOYED if TrafficTarget.objects.filter(function=current).exists()
+                 else Function.State.DRAFT)
+        Function.objects.filter(pk=current.pk).update(state=state)
         function.state = state
-        audit_record(actor=acting_user, action="function.online", tenant=function.tenant, target=function)
+        audit_record(actor=acting_user, action="function.online", tenant=tenant, target=function)
         transaction.on_commit(lambda: _engine_call("set_offline", ref, False))
     return function

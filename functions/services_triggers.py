@@ -9,24 +9,41 @@ import uuid
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from functions import outbound
 from functions.engines import get_engine
 from functions.models import Delivery, Function, RetryPolicy, Sequence, SequenceStep, Trigger
 from functions.selectors import user_can_function
 from functions.triggers import cron, events, queue
 from functions.triggers.worker import notify
 from portal.errors import Conflict, NotFound, PermissionDenied, ValidationFailed
+from tenancy.models import ApiToken
 from tenancy.selectors import user_can_tenant
 from tenancy.services import audit_record, full_clean_or_raise
 
 log = logging.getLogger(__name__)
 
 TRIGGER_FIELDS = ("enabled", "schedule", "time_zone", "filters")
-POLICY_FIELDS = ("max_attempts", "backoff_seconds", "backoff_max_seconds", "max_event_age_seconds")
+POLICY_FIELDS = ("max_attempts", "backoff_seconds", "backoff_max_seconds", "max_event_age_seconds", "callback_url")
+CALLBACK_URL_MAX = 2000
 
 
 def _require(user, function: Function, action: str) -> None:
     if not user_can_function(user, function, action):
         raise PermissionDenied(f"You may not {action} this function.")
+
+
+def _clean_callback_url(url: str) -> str:
+    """A callback URL the portal will post to, or DestinationRefused. The address is checked again
+    when the callback is sent (functions.outbound): a name may resolve differently by then."""
+    url = (url or "").strip()
+    if not url:
+        return ""
+    if len(url) > CALLBACK_URL_MAX:
+        # Cutting it would post somewhere else than the user named.
+        raise ValidationFailed(f"The callback URL is longer than {CALLBACK_URL_MAX} characters.",
+                               field="callback_url")
+    outbound.check_destination(url, field="callback_url")
+    return url
 
 
 def _sync_engine(function_id: int) -> None:
@@ -144,25 +161,52 @@ def retry_policy_set(*, acting_user, function: Function, **changes) -> RetryPoli
         if policy.backoff_max_seconds < policy.backoff_seconds:
             raise ValidationFailed("The longest backoff cannot be shorter than the first one.",
                                    field="backoff_max_seconds")
+        if "callback_url" in diff:
+            policy.callback_url = _clean_callback_url(policy.callback_url)
         policy.save()
         if diff:
             audit_record(actor=acting_user, action="function.retry_policy", tenant=function.tenant,
                          target=function, details=diff)
+        if set(diff) - {"callback_url"}:  # the engines know retries, not where the portal posts results
             transaction.on_commit(lambda: _sync_engine(function.pk))
     return policy
 
 
 # ---- async calls and published events -------------------------------------------------------------------
 
+def _require_callback_caller(caller: ApiToken | None, tenant_id: int) -> None:
+    """A callback makes the portal send a request where the caller says, so naming one takes an
+    authenticated caller of the function's tenant, even where the function itself is public."""
+    if caller is None:
+        raise PermissionDenied("Naming a callback (X-Nimbus-Callback-Url) needs a valid API token with the "
+                               "invoke scope (Authorization: Bearer …); anonymous callers may not name one.",
+                               field="callback_url")
+    if caller.tenant_id != tenant_id:
+        raise PermissionDenied("Naming a callback (X-Nimbus-Callback-Url) needs an API token of the function's "
+                               "own tenant.", field="callback_url")
+    if not caller.has_scope(ApiToken.Scope.INVOKE):
+        raise PermissionDenied("Naming a callback (X-Nimbus-Callback-Url) needs the invoke scope, which the API "
+                               "token lacks.", field="callback_url")
+
+
 def async_invocation_accept(*, function_id: int, method: str, path: str, headers: list, body: bytes,
-                            tag: str = "", callback_url: str = "") -> Delivery:
+                            tag: str = "", callback_url: str = "", caller: ApiToken | None = None) -> Delivery:
     """Store an async call (the gateway answers 202 only after this commits). The caller was already
-    authorised by the gateway, as for a synchronous call."""
-    if callback_url and not callback_url.startswith(("http://", "https://")):
-        raise ValidationFailed("The callback URL must be an http:// or https:// URL.", field="callback_url")
+    authorised to invoke by the gateway, as for a synchronous call. ``caller`` is the API token the
+    call came with, if any: a callback URL of the caller's own needs one (see _require_callback_caller);
+    without it the function's fixed destination, if its developers set one, receives the result."""
+    function = (Function.objects.filter(pk=function_id)
+                .values("tenant_id", "retry_policy__callback_url").first())
+    if function is None:
+        raise NotFound("There is no such function.")
+    if callback_url:
+        _require_callback_caller(caller, function["tenant_id"])
+        callback_url = _clean_callback_url(callback_url)
+    else:
+        callback_url = function["retry_policy__callback_url"] or ""
     with transaction.atomic():
         delivery = queue.enqueue(function=function_id, source=Delivery.Source.ASYNC, method=method, path=path,
-                                 headers=headers, body=body, tag=tag, callback_url=callback_url[:2000])
+                                 headers=headers, body=body, tag=tag, callback_url=callback_url)
         transaction.on_commit(notify)
     return delivery
 
@@ -253,6 +297,7 @@ def sequence_start(*, acting_user, sequence: Sequence, body: bytes = b"", conten
         raise NotFound("The sequence has no steps.")
     for step in sequence.steps.select_related("function"):
         _require(acting_user, step.function, "view")
+    callback_url = _clean_callback_url(callback_url)
     run_id = uuid.uuid4()
     # One trace for the whole run: every step carries this traceparent on, so each step's invocation
     # is a span of it and the trace page shows the run end to end.

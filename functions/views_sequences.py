@@ -76,6 +76,8 @@ class SequenceRunForm(BootstrapForm):
             value = json.loads(text)
         except json.JSONDecodeError as exc:
             raise forms.ValidationError(f"This is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno}).")
+        except RecursionError:
+            raise forms.ValidationError("This JSON is nested too deeply.") from None
         return json.dumps(value).encode()
 
     def style_widgets(self):
@@ -156,7 +158,7 @@ def _show_output(body) -> str:
     text = bytes(body or b"").decode("utf-8", "replace")
     try:
         text = json.dumps(json.loads(text), indent=2, ensure_ascii=False)
-    except ValueError:
+    except (ValueError, RecursionError):  # a function's output: shown as it came when it cannot be indented
         pass
     return text if len(text) <= OUTPUT_CHARS else text[:OUTPUT_CHARS] + "\n… (cut)"
 

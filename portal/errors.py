@@ -35,6 +35,13 @@ class InvalidSource(ValidationFailed):
     code = "invalid_source"
 
 
+class UriTooLong(ValidationFailed):
+    """An address (path and query string) longer than what is stored of it: an async call's."""
+
+    code = "uri_too_long"
+    http_status = 414
+
+
 class Conflict(NimbusError):
     code = "conflict"
     http_status = 409

@@ -86,6 +86,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "portal.middleware.StorableAddressMiddleware",  # a NUL in a path or query: 400, not a 500 deeper in
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -203,6 +204,11 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_SCHEMA_CLASS": "portal.api.schema.NimbusAutoSchema",
     "EXCEPTION_HANDLER": "portal.api.exceptions.exception_handler",
+    "DEFAULT_PARSER_CLASSES": [
+        "portal.api.parsers.JSONParser",  # DRF's, with too deeply nested JSON a 400
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
 SPECTACULAR_SETTINGS = {
@@ -243,6 +249,9 @@ NIMBUS_ENGINE = os.environ.get("NIMBUS_ENGINE", "local")
 NIMBUS_SECRETS_KEYS = env_list("NIMBUS_SECRETS_KEYS", "") or (
     local_key("secrets-key", lambda: __import__("cryptography.fernet").fernet.Fernet.generate_key().decode())
     if DEVELOPMENT and not os.environ.get("SECRET_KEY") else [])
+# Private or special ranges (CIDRs) that the portal's own requests for users (delivery callbacks) may
+# reach; only public addresses otherwise (functions/outbound.py).
+NIMBUS_OUTBOUND_ALLOW_CIDRS = env_list("NIMBUS_OUTBOUND_ALLOW_CIDRS", "")
 # Public base URL of the portal, used for invoke URLs shown to users.
 NIMBUS_PUBLIC_URL = os.environ.get("NIMBUS_PUBLIC_URL", "http://127.0.0.1:8000").rstrip("/")
 # Largest single source file and whole draft a function may have.

@@ -2,6 +2,9 @@
 
 import hashlib
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import datetime
 
 from django.conf import settings
@@ -58,6 +61,45 @@ def role_group(tenant: Tenant, role: str) -> Group:
 def _require(user, tenant: Tenant, action: str) -> None:
     if not user_can_tenant(user, tenant, action):
         raise PermissionDenied("You do not have permission to do this in this tenant.")
+
+
+# ---- the tenant lock -----------------------------------------------------------------------
+
+# Ids of the tenants whose row this thread (or task) holds through tenant_locked().
+_tenants_locked: ContextVar[frozenset[int]] = ContextVar("tenants_locked", default=frozenset())
+
+
+@contextmanager
+def tenant_locked(tenant: Tenant | int) -> Iterator[Tenant]:
+    """Open (or join) a transaction and lock the tenant's row until it ends; yields the tenant
+    re-read under the lock, with its quota.
+
+    Every check of a tenant-wide invariant (quotas, "at least one owner") and the write it guards
+    run inside, so two requests of one tenant take turns instead of both passing the check on the
+    same old state. Take it first in the transaction, before reading any usage: the reads that
+    follow see what the previous holder committed. FOR NO KEY UPDATE serialises the holders but
+    does not block rows that merely point at the tenant (audit events, invocations) from being
+    inserted meanwhile. SQLite ignores the lock; its writers are serialised by the database.
+    """
+    pk = tenant if isinstance(tenant, int) else tenant.pk
+    with transaction.atomic():
+        locked = (Tenant.objects.select_for_update(of=("self",), no_key=True).select_related("quota")
+                  .filter(pk=pk).first())
+        if locked is None:
+            raise NotFound("Tenant not found.")
+        held = _tenants_locked.set(_tenants_locked.get() | {pk})
+        try:
+            yield locked
+        finally:
+            _tenants_locked.reset(held)
+
+
+def require_tenant_locked(tenant: Tenant | int) -> None:
+    """Refuse to check a quota or count owners outside ``tenant_locked``: such a check is a race.
+    A programming error, not a user's: it raises RuntimeError, never a NimbusError."""
+    pk = tenant if isinstance(tenant, int) else tenant.pk
+    if pk not in _tenants_locked.get() or not transaction.get_connection().in_atomic_block:
+        raise RuntimeError(f"Checks on tenant {pk} must run inside tenancy.services.tenant_locked().")
 
 
 # ---- tenants -------------------------------------------------------------------------------
@@ -131,20 +173,25 @@ def tenant_reactivate(*, acting_user, tenant: Tenant) -> Tenant:
     return tenant
 
 
+_QUOTA_LIMITS = frozenset(f.name for f in Quota._meta.concrete_fields if f.name not in {"id", "tenant"})
+
+
 def quota_update(*, acting_user, tenant: Tenant, **limits) -> Quota:
     _operator_only(acting_user)
-    quota = tenant.quota
-    before = {}
-    for field, value in limits.items():
-        if not hasattr(quota, field) or field in {"id", "tenant"}:
+    for field in limits:
+        if field not in _QUOTA_LIMITS:
             raise ValidationFailed(f"Unknown quota '{field}'.", field=field)
-        before[field] = getattr(quota, field)
-        setattr(quota, field, value)
-    full_clean_or_raise(quota, exclude=["tenant"])
-    with transaction.atomic():
-        quota.save()
-        audit_record(actor=acting_user, action="quota.update", tenant=tenant, target=tenant,
+    # Under the tenant lock, so a check running now sees either the old limits or the new ones.
+    with tenant_locked(tenant) as locked:
+        quota = locked.quota
+        before = {field: getattr(quota, field) for field in limits}
+        for field, value in limits.items():
+            setattr(quota, field, value)
+        full_clean_or_raise(quota, exclude=["tenant"])
+        quota.save(update_fields=list(limits) or None)
+        audit_record(actor=acting_user, action="quota.update", tenant=locked, target=locked,
                      details={k: [before[k], v] for k, v in limits.items()})
+    tenant.quota = quota
     return quota
 
 
@@ -165,17 +212,37 @@ def tenant_member_add(*, acting_user, tenant: Tenant, username: str, role: str) 
     user = User.objects.filter(username=username).first()
     if user is None:
         raise ValidationFailed(f"There is no user named '{username}'.", field="username")
-    with transaction.atomic():
-        if Membership.objects.filter(tenant=tenant, user=user).exists():
+    with tenant_locked(tenant) as locked:
+        # Checked again under the lock: a concurrent change may just have taken the acting user's role.
+        _require(acting_user, locked, "manage_members")
+        if role == Role.OWNER and not user_can_tenant(acting_user, locked, "change_tenant"):
+            raise PermissionDenied("Only an owner can add another owner.")
+        if Membership.objects.filter(tenant=locked, user=user).exists():
             raise Conflict(f"{username} is already a member of {tenant.slug}.", field="username")
-        membership = _membership_add(tenant=tenant, user=user, role=role)
-        audit_record(actor=acting_user, action="member.add", tenant=tenant, target=membership,
+        membership = _membership_add(tenant=locked, user=user, role=role)
+        audit_record(actor=acting_user, action="member.add", tenant=locked, target=membership,
                      details={"user": username, "role": role})
     return membership
 
 
-def _owners_left_after(tenant: Tenant, membership: Membership) -> int:
-    return Membership.objects.filter(tenant=tenant, role=Role.OWNER).exclude(pk=membership.pk).count()
+def _membership_locked(tenant: Tenant, membership: Membership) -> Membership:
+    """The membership as it is now, read under the tenant lock (a concurrent change may have
+    changed its role or removed it since the caller loaded it)."""
+    require_tenant_locked(tenant)
+    current = Membership.objects.select_related("user").filter(pk=membership.pk, tenant=tenant).first()
+    if current is None:
+        raise NotFound(f"{membership.user.get_username()} is no longer a member of {tenant.slug}.")
+    return current
+
+
+def _require_owner_left(tenant: Tenant, membership: Membership, refusal: str) -> None:
+    """Refuse (Conflict) a change that takes the owner role from the tenant's last owner."""
+    require_tenant_locked(tenant)
+    if membership.role != Role.OWNER:
+        return
+    others = Membership.objects.filter(tenant=tenant, role=Role.OWNER).exclude(pk=membership.pk)
+    if not others.exists():
+        raise Conflict(f"A tenant needs at least one owner: {refusal}")
 
 
 def tenant_member_change_role(*, acting_user, membership: Membership, role: str) -> Membership:
@@ -183,38 +250,63 @@ def tenant_member_change_role(*, acting_user, membership: Membership, role: str)
     _require(acting_user, tenant, "manage_members")
     if role not in Role.values:
         raise ValidationFailed(f"Unknown role '{role}'.", field="role")
-    touches_owner = Role.OWNER in (role, membership.role)
-    if touches_owner and not user_can_tenant(acting_user, tenant, "change_tenant"):
-        raise PermissionDenied("Only an owner can grant or take away the owner role.")
-    old = membership.role
-    if old == role:
-        return membership
-    with transaction.atomic():
-        if old == Role.OWNER and _owners_left_after(tenant, membership) == 0:
-            raise Conflict("A tenant needs at least one owner: make someone else owner first.")
-        membership.user.groups.remove(role_group(tenant, old))
-        membership.user.groups.add(role_group(tenant, role))
-        membership.role = role
-        membership.save(update_fields=["role"])
-        audit_record(actor=acting_user, action="member.change_role", tenant=tenant, target=membership,
-                     details={"user": membership.user.get_username(), "from": old, "to": role})
+    with tenant_locked(tenant) as locked:
+        current = _membership_locked(locked, membership)
+        old = current.role
+        # Checked again under the lock: a concurrent change may just have taken the acting user's role.
+        _require(acting_user, locked, "manage_members")
+        if Role.OWNER in (role, old) and not user_can_tenant(acting_user, locked, "change_tenant"):
+            raise PermissionDenied("Only an owner can grant or take away the owner role.")
+        if old == role:
+            membership.role = old
+            return membership
+        username = current.user.get_username()
+        _require_owner_left(locked, current, f"{username} is the last owner of {tenant.slug}; "
+                                             "make someone else owner before changing their role.")
+        current.user.groups.remove(role_group(locked, old))
+        current.user.groups.add(role_group(locked, role))
+        current.role = role
+        current.save(update_fields=["role"])
+        audit_record(actor=acting_user, action="member.change_role", tenant=locked, target=current,
+                     details={"user": username, "from": old, "to": role})
+    membership.role = role
     return membership
+
+
+def _membership_delete(*, acting_user, tenant: Tenant, membership: Membership, action: str) -> None:
+    """Remove a member: their role group, their API tokens for the tenant, their membership."""
+    require_tenant_locked(tenant)
+    membership.user.groups.remove(role_group(tenant, membership.role))
+    ApiToken.objects.filter(tenant=tenant, user=membership.user, revoked_at__isnull=True).update(
+        revoked_at=timezone.now())
+    audit_record(actor=acting_user, action=action, tenant=tenant, target=membership,
+                 details={"user": membership.user.get_username(), "role": membership.role})
+    membership.delete()
 
 
 def tenant_member_remove(*, acting_user, membership: Membership) -> None:
     tenant = membership.tenant
     _require(acting_user, tenant, "manage_members")
-    if membership.role == Role.OWNER and not user_can_tenant(acting_user, tenant, "change_tenant"):
-        raise PermissionDenied("Only an owner can remove an owner.")
-    with transaction.atomic():
-        if membership.role == Role.OWNER and _owners_left_after(tenant, membership) == 0:
-            raise Conflict("A tenant needs at least one owner: make someone else owner first.")
-        membership.user.groups.remove(role_group(tenant, membership.role))
-        ApiToken.objects.filter(tenant=tenant, user=membership.user, revoked_at__isnull=True).update(
-            revoked_at=timezone.now())
-        audit_record(actor=acting_user, action="member.remove", tenant=tenant, target=membership,
-                     details={"user": membership.user.get_username(), "role": membership.role})
-        membership.delete()
+    with tenant_locked(tenant) as locked:
+        current = _membership_locked(locked, membership)
+        _require(acting_user, locked, "manage_members")
+        if current.role == Role.OWNER and not user_can_tenant(acting_user, locked, "change_tenant"):
+            raise PermissionDenied("Only an owner can remove an owner.")
+        username = current.user.get_username()
+        _require_owner_left(locked, current, f"{username} is the last owner of {tenant.slug}; "
+                                             "make someone else owner before removing them.")
+        _membership_delete(acting_user=acting_user, tenant=locked, membership=current, action="member.remove")
+
+
+def tenant_member_leave(*, acting_user, tenant: Tenant) -> None:
+    """The acting user leaves the tenant. Any member may, except its last owner."""
+    with tenant_locked(tenant) as locked:
+        current = Membership.objects.select_related("user").filter(tenant=locked, user=acting_user).first()
+        if current is None:
+            raise NotFound(f"You are not a member of {tenant.slug}.")
+        _require_owner_left(locked, current, f"you are the last owner of {tenant.slug}; "
+                                             "make someone else owner before leaving.")
+        _membership_delete(acting_user=acting_user, tenant=locked, membership=current, action="member.leave")
 
 
 # ---- API tokens ----------------------------------------------------------------------------
@@ -263,8 +355,8 @@ def token_revoke(*, acting_user, token: ApiToken) -> ApiToken:
 def token_authenticate(plaintext: str) -> ApiToken | None:
     """The usable token for this plaintext, or None. Marks it used (at most once a minute)."""
     parts = plaintext.split("_", 2)
-    if len(parts) != 3 or parts[0] != TOKEN_PREFIX:
-        return None
+    if len(parts) != 3 or parts[0] != TOKEN_PREFIX or "\x00" in parts[1]:
+        return None  # a NUL could not even be looked up (PostgreSQL refuses it in text)
     token = (ApiToken.objects.select_related("user", "tenant")
              .filter(prefix=parts[1], token_hash=hash_token(plaintext)).first())
     if token is None or not token.is_usable or not token.user.is_active:

@@ -154,6 +154,23 @@ class IdeConsumer(AsyncJsonWebsocketConsumer):
 
     # ---- client messages ------------------------------------------------------------------------
 
+    async def receive(self, text_data=None, bytes_data=None, **kwargs):
+        # Decoded here, not in the base class, so that a message which is not JSON (or nests deeper
+        # than the decoder follows) is answered like any refusal instead of closing the editor's socket.
+        if not text_data:
+            refusal = ValidationFailed("Send JSON objects as text messages.")
+        else:
+            try:
+                content = await self.decode_json(text_data)
+            except ValueError as exc:
+                refusal = ValidationFailed(f"The message is not valid JSON: {exc}.")
+            except RecursionError:
+                refusal = ValidationFailed("The message is nested too deeply.")
+            else:
+                await self.receive_json(content, **kwargs)
+                return
+        await self.send_json({"type": "error", **refusal.as_dict()})
+
     async def receive_json(self, content, **kwargs):
         if not isinstance(content, dict):
             await self.send_json({"type": "error", "code": "invalid", "detail": "Send JSON objects."})
@@ -178,6 +195,10 @@ class IdeConsumer(AsyncJsonWebsocketConsumer):
                 replies = await database_sync_to_async(handler)(content)
         except NimbusError as exc:
             replies = self.refusal(exc, action)
+        except Exception:  # noqa: BLE001 - one failed request (a save) must not close the editor's socket
+            log.exception("IDE action %r failed", action)
+            replies = [{"type": "error", "action": action, "code": "error",
+                        "detail": "The server failed to carry this out; reload the editor to see what is saved."}]
         for reply in replies:
             reply.setdefault("reply_to", request_id)
             await self.send_json(reply)

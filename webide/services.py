@@ -7,6 +7,7 @@ from django.db import IntegrityError, transaction
 from functions.models import Function
 from functions.selectors import user_can_function
 from portal.errors import Conflict, NotFound, PermissionDenied, ValidationFailed
+from portal.text import unstorable
 from tenancy.services import audit_record, full_clean_or_raise
 from webide.models import TestEvent
 
@@ -39,6 +40,12 @@ def _apply(event: TestEvent, *, name, method, path, query, headers, body) -> Non
     event.body = body or ""
     if len(event.body) > MAX_BODY_CHARS:
         raise ValidationFailed(f"A saved body is limited to {MAX_BODY_CHARS // 1024} KiB.", field="body")
+    texts = [("name", event.name), ("method", event.method), ("path", event.path), ("query", event.query),
+             ("body", event.body), *(("headers", text) for item in event.headers.items() for text in item)]
+    for field, text in texts:
+        reason = unstorable(text)
+        if reason:
+            raise ValidationFailed(f"The test event's {field} holds {reason}, which cannot be saved.", field=field)
     full_clean_or_raise(event, exclude=["function", "created_by"])
 
 

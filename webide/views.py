@@ -4,7 +4,9 @@ editor does goes over the WebSocket (webide/consumers.py)."""
 from __future__ import annotations
 
 import io
+import lzma
 import zipfile
+import zlib
 
 from django.conf import settings
 from django.http import JsonResponse
@@ -15,11 +17,15 @@ from django.views.decorators.http import require_POST
 from functions.selectors import function_for_user, function_permissions
 from functions.services import function_files, function_source_replace, validate_path
 from portal.errors import InvalidSource, NimbusError, ValidationFailed
+from portal.text import shown, unstorable
 from portal.views import nimbus_page
 
 # Entries archivers add that are never part of a function.
 JUNK_PARTS = {"__MACOSX", "__pycache__", ".DS_Store", ".git"}
 S_IFMT, S_IFLNK = 0o170000, 0o120000
+# What an archive whose headers lie raises while it is read: zipfile's own error (a CRC that does
+# not match the claimed size), the decompressors' errors and a stream that ends early.
+DAMAGED = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, OSError, ValueError)
 
 
 @nimbus_page
@@ -60,10 +66,16 @@ def files_from_zip(data: bytes, folder: str = "") -> dict[str, str]:
     links), sizes checked before anything is decompressed, and one common top folder removed."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
-    except zipfile.BadZipFile:
+    # ValueError: also a name flagged as UTF-8 that is not (a UnicodeDecodeError).
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError):
         raise InvalidSource("The archive is not a valid zip file.", field="files") from None
     entries = []
     for info in archive.infolist():
+        # zipfile cuts a name at its first NUL ("a\0b.py" becomes "a"); refuse it instead.
+        reason = unstorable(info.orig_filename)
+        if reason:
+            raise InvalidSource(f"The archive entry '{shown(info.orig_filename)}' has {reason} in its name.",
+                                field="files")
         if info.is_dir():
             continue
         parts = info.filename.split("/")
@@ -86,9 +98,19 @@ def files_from_zip(data: bytes, folder: str = "") -> dict[str, str]:
     files = {}
     for info in entries:
         name = info.filename.split("/", 1)[1] if strip else info.filename
-        with archive.open(info) as handle:
-            # Read no more than the limit allows, whatever the header claimed.
-            content = handle.read(settings.NIMBUS_MAX_FILE_BYTES + 1)
+        if info.flag_bits & 0x1:
+            raise InvalidSource(f"'{info.filename}' is encrypted; upload an archive without a password.",
+                                field="files")
+        try:
+            with archive.open(info) as handle:
+                # Read no more than the limit allows, whatever the header claimed.
+                content = handle.read(settings.NIMBUS_MAX_FILE_BYTES + 1)
+        except NotImplementedError:
+            raise InvalidSource(f"'{info.filename}' is compressed with a method Nimbus cannot unpack; use deflate.",
+                                field="files") from None
+        except DAMAGED as exc:
+            raise InvalidSource(f"'{info.filename}' is damaged in the archive ({exc}); the archive is not a valid "
+                                "zip file.", field="files") from None
         _check_size(info.filename, len(content))
         path = validate_path(f"{folder}/{name}" if folder else name)
         files[path] = _decode(path, content)

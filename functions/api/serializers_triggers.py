@@ -51,7 +51,11 @@ class TriggerUpdateSerializer(serializers.Serializer):
 class RetryPolicySerializer(serializers.ModelSerializer):
     class Meta:
         model = RetryPolicy
-        fields = ["max_attempts", "backoff_seconds", "backoff_max_seconds", "max_event_age_seconds"]
+        fields = ["max_attempts", "backoff_seconds", "backoff_max_seconds", "max_event_age_seconds", "callback_url"]
+        extra_kwargs = {"callback_url": {"help_text": (
+            "Where the results of async calls are POSTed when the caller names no callback (only a caller "
+            "with an invoke-scoped API token may name one). Private, loopback, link-local and metadata "
+            "addresses are refused.")}}
 
 
 class DeliverySerializer(serializers.ModelSerializer):
@@ -68,6 +72,9 @@ class DeliverySerializer(serializers.ModelSerializer):
                   "invocation_id", "result_status", "last_error", "callback_url", "callback_status", "run_id",
                   "step"]
         read_only_fields = fields
+        extra_kwargs = {"callback_status": {"help_text": (
+            'How posting the result went: "delivered: <HTTP status>", or "failed: …" with the HTTP status '
+            'or "destination refused by policy" / "no answer"')}}
 
 
 class DeliveryResultSerializer(serializers.Serializer):
@@ -108,7 +115,9 @@ class SequenceCreateSerializer(serializers.Serializer):
 
 class SequenceStartSerializer(serializers.Serializer):
     input = serializers.JSONField(required=False, default=None, help_text="JSON given to the first step")
-    callback_url = serializers.URLField(required=False, allow_blank=True, default="")
+    callback_url = serializers.URLField(required=False, allow_blank=True, default="", max_length=2000,
+                                        help_text="Where the run's result is POSTed (private, loopback, "
+                                                  "link-local and metadata addresses are refused)")
 
 
 class AcceptedSerializer(serializers.Serializer):

@@ -72,7 +72,8 @@ class TriggerDetailView(APIView):
 
 
 class RetryPolicyView(APIView):
-    @extend_schema(summary="How async, cron, event and sequence deliveries are retried",
+    @extend_schema(summary="How async, cron, event and sequence deliveries are retried, and where async "
+                           "results go when the caller names no callback",
                    responses=s.RetryPolicySerializer)
     def get(self, request, tenant_slug, function_name):
         function = function_or_404(request, tenant_slug, function_name)

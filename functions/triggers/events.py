@@ -42,6 +42,8 @@ def _parse_one(headers: dict[str, str], body: bytes) -> BaseCloudEvent:
         raise ValidationFailed(f"Not a valid CloudEvent: {exc}") from None
     except (ValueError, TypeError, KeyError) as exc:
         raise ValidationFailed(f"Not a valid CloudEvent: {type(exc).__name__}: {exc}") from None
+    except RecursionError:  # JSON data nested past what Python's decoder can follow
+        raise ValidationFailed("Not a valid CloudEvent: its JSON data is nested too deeply.") from None
 
 
 def parse_request(headers: dict[str, str], body: bytes) -> list[BaseCloudEvent]:
@@ -57,6 +59,8 @@ def parse_request(headers: dict[str, str], body: bytes) -> list[BaseCloudEvent]:
             items = json.loads(body or b"null")
         except ValueError as exc:
             raise ValidationFailed(f"The batch is not valid JSON: {exc}.") from None
+        except RecursionError:
+            raise ValidationFailed("The batch's JSON is nested too deeply.") from None
         if not isinstance(items, list):
             raise ValidationFailed("A batch is a JSON array of structured CloudEvents.")
         if len(items) > MAX_BATCH:
@@ -75,6 +79,8 @@ def parse_request(headers: dict[str, str], body: bytes) -> list[BaseCloudEvent]:
             document = json.loads(body or b"null")
         except ValueError as exc:
             raise ValidationFailed(f"The structured CloudEvent is not valid JSON: {exc}.") from None
+        except RecursionError:
+            raise ValidationFailed("The structured CloudEvent's JSON is nested too deeply.") from None
         if not isinstance(document, dict):
             raise ValidationFailed("A structured CloudEvent is a JSON object.")
         missing = _missing(lambda name: str(document.get(name) or "").strip())

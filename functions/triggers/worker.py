@@ -1,7 +1,8 @@
 """The delivery worker: fires due cron triggers (unless the engine runs them itself), claims
 deliveries with a lease, invokes each through the engine (``Engine.invoke``), settles it (result,
 retry with backoff, dead letter), moves sequences on to their next step, posts results to
-callback URLs and, on an engine that needs it (Knative), pulls function log lines in.
+callback URLs through the guarded client (functions.outbound) and, on an engine that needs it
+(Knative), pulls function log lines in.
 
 One thread with its own event loop; database work runs on a small thread pool. It runs inside
 the portal process (``start_in_process``, from the ASGI entry point) and as
@@ -19,13 +20,12 @@ import os
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 
 from django.db import OperationalError, close_old_connections, connections, transaction
 from django.utils import timezone
 
+from functions import outbound
 from functions.models import Delivery, SequenceStep
 from functions.triggers import cron, queue
 
@@ -33,7 +33,7 @@ DELIVERY_HEADERS = {"x-nimbus-delivery-id", "x-nimbus-attempt"}  # set by the wo
 
 log = logging.getLogger(__name__)
 
-CALLBACK_TIMEOUT = 5.0
+CALLBACK_TIMEOUT = 5.0  # resolving, connecting, sending and reading the answer, together
 DB_RETRIES = 5
 POLICY_TTL = 2.0
 
@@ -62,24 +62,22 @@ def result_document(delivery: Delivery) -> dict:
     return document
 
 
-def post_callback(delivery_id) -> str:
-    """POST the final result to the delivery's callback URL (one try; the outcome is recorded)."""
+def callback_request(delivery_id) -> tuple[str, bytes, dict[str, str]] | None:
+    """(url, body, headers) of the delivery's callback, or None when it has none."""
     delivery = Delivery.objects.select_related("function").get(pk=delivery_id)
     if not delivery.callback_url:
-        return ""
+        return None
     payload = json.dumps(result_document(delivery)).encode()
-    request = urllib.request.Request(delivery.callback_url, data=payload, method="POST", headers={
+    return delivery.callback_url, payload, {
         "Content-Type": "application/json", "User-Agent": "nimbus-callback/1",
-        "X-Nimbus-Delivery-Id": str(delivery.pk), "X-Nimbus-Delivery-State": delivery.state})
-    try:
-        with urllib.request.urlopen(request, timeout=CALLBACK_TIMEOUT) as response:  # noqa: S310 - user's own URL
-            outcome = f"{response.status}"
-    except urllib.error.HTTPError as exc:
-        outcome = f"{exc.code}"
-    except (OSError, ValueError) as exc:
-        outcome = f"failed: {exc}"[:100]
-    Delivery.objects.filter(pk=delivery.pk).update(callback_status=outcome[:100])
-    return outcome
+        "X-Nimbus-Delivery-Id": str(delivery.pk), "X-Nimbus-Delivery-State": delivery.state}
+
+
+def callback_record(delivery_id, result: outbound.OutboundResult) -> str:
+    """Keep what the user may know about the callback: delivered or failed and the HTTP status."""
+    summary = result.summary[:100]
+    Delivery.objects.filter(pk=delivery_id).update(callback_status=summary)
+    return summary
 
 
 class Worker:
@@ -302,8 +300,16 @@ class Worker:
             return False
 
     async def _after_final(self, delivery: Delivery) -> None:
-        if delivery.callback_url:
-            await self._db(post_callback, delivery.pk)
+        if not delivery.callback_url:
+            return
+        request = await self._db(callback_request, delivery.pk)
+        if request is None:
+            return
+        url, payload, headers = request
+        # Not on the database thread: every delivery's database work would wait behind a slow receiver.
+        result = await asyncio.to_thread(outbound.post, url, body=payload, headers=headers,
+                                         total_timeout=CALLBACK_TIMEOUT)
+        await self._db(callback_record, delivery.pk, result)
 
 
 # ---- the in-process worker -------------------------------------------------------------------------

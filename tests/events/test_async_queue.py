@@ -89,13 +89,20 @@ def test_backoff_is_exponential_with_jitter_and_capped():
         assert len({round(d, 6) for d in delays}) > 100  # jittered, not one fixed value
 
 
-def test_dead_letter_after_max_attempts_then_replay_after_a_fix(engine, deploy, gateway, members, start_worker,
-                                                              callback_server):
+def test_dead_letter_after_max_attempts_then_replay_after_a_fix(engine, deploy, gateway, members, tenant,
+                                                              start_worker, callback_server, settings):
     function, _ = deploy("orders", handler(FAILING))
     retry_policy_set(acting_user=members["developer"], function=function, max_attempts=2, backoff_seconds=0.01,
                      backoff_max_seconds=0.02)
+    # The callback server is on loopback, which callbacks reach only when allowed (tests/events/test_outbound.py);
+    # naming a callback takes an invoke-scoped token.
+    settings.NIMBUS_OUTBOUND_ALLOW_CIDRS = ["127.0.0.1/32"]
+    from tenancy.services import token_create
+
+    _, token = token_create(acting_user=members["developer"], tenant=tenant, name="ci", scopes=["invoke"])
     accepted = gateway.post("/fn/acme/orders/", b'{"order": 9}', headers={
-        "Prefer": "respond-async", "X-Nimbus-Callback-Url": callback_server.url}).json()
+        "Prefer": "respond-async", "X-Nimbus-Callback-Url": callback_server.url,
+        "Authorization": f"Bearer {token}"}).json()
     start_worker()
     (delivery,) = settled(accepted["id"])
     assert delivery.state == "dead" and delivery.attempts == 2

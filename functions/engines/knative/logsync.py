@@ -18,6 +18,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from portal.errors import EngineError
+from portal.text import storable
 
 from . import names
 from .client import KubeClient
@@ -185,10 +186,11 @@ class LogSync:
                 invocation_id = uuid.UUID(str(line.invocation_id))
             except ValueError:
                 continue
-            key = (invocation_id, line.time.astimezone(UTC), line.message)
+            # Cleaned before it becomes a key: what is stored is what the next pass compares with.
+            key = (invocation_id, line.time.astimezone(UTC), storable(line.message))
             entry = wanted.get(key)
             if entry is None:
-                wanted[key] = _Pending(line.level[:10], 1, now)
+                wanted[key] = _Pending(storable(line.level[:10]), 1, now)
             else:
                 entry.count += 1
         waiting = self.pending.pop(function_id, {})

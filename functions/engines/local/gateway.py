@@ -42,6 +42,7 @@ PLATFORM_HEADERS = {b"traceparent", b"x-nimbus-invocation-id", b"x-nimbus-trigge
                     b"x-nimbus-attempt"}
 NOT_FORWARDED = HOP_HEADERS | PLATFORM_HEADERS | {TEST_SIGNATURE_HEADER}
 _random = random.Random()
+HEX = frozenset("0123456789abcdefABCDEF")
 _token_cache: dict[str, tuple[float, int | None, bool]] = {}
 
 
@@ -212,7 +213,9 @@ def _trace(headers) -> tuple[str, str, str, str]:
     value = next((v.decode("latin-1") for k, v in headers if k == b"traceparent"), "")
     parts = value.split("-")
     span_id = f"{_random.getrandbits(64):016x}"
-    if len(parts) == 4 and len(parts[1]) == 32 and len(parts[2]) == 16:
+    # Hex only: the trace id is stored with the invocation record, in a batch with other tenants' records.
+    if (len(parts) == 4 and len(parts[1]) == 32 and len(parts[2]) == 16
+            and HEX.issuperset(parts[1]) and HEX.issuperset(parts[2]) and HEX.issuperset(parts[3][:2])):
         return parts[1], parts[2], span_id, f"00-{parts[1]}-{span_id}-{parts[3][:2]}"
     trace_id = f"{_random.getrandbits(128):032x}"
     return trace_id, "", span_id, f"00-{trace_id}-{span_id}-01"

@@ -1,5 +1,7 @@
 """Invocation records and their log lines, written in batches by one thread off the request path,
-and kept within the retention limit (NIMBUS_LOCAL["RETENTION"])."""
+and kept within the retention limit (NIMBUS_LOCAL["RETENTION"]). A batch holds many tenants' rows:
+text the database cannot store is cleaned first, and a batch it still refuses is written row by
+row, so one bad row never costs the others."""
 
 from __future__ import annotations
 
@@ -11,8 +13,10 @@ import time
 import uuid
 from datetime import timedelta
 
-from django.db import OperationalError, connections
+from django.db import DatabaseError, OperationalError, connections, transaction
 from django.utils import timezone
+
+from portal.text import storable
 
 log = logging.getLogger(__name__)
 
@@ -103,16 +107,10 @@ class RecordsWriter:
                     continue  # the function was deleted meanwhile
                 if record.get("revision_id") not in revisions:
                     record = dict(record, revision_id=None)
-                rows.append(Invocation(**record))
-            for attempt in range(WRITE_ATTEMPTS):
-                try:
-                    Invocation.objects.bulk_create(rows, ignore_conflicts=True)
-                    break
-                except OperationalError:
-                    # A transient lock (SQLite) must not cost the batch; the insert is idempotent.
-                    if attempt == WRITE_ATTEMPTS - 1:
-                        raise
-                    time.sleep(0.05 * 2 ** attempt)
+                # Error texts carry what instances and callers said (exit reasons, exceptions).
+                rows.append(Invocation(**{key: storable(value) if isinstance(value, str) else value
+                                          for key, value in record.items()}))
+            rows = _insert(Invocation, rows, ignore_conflicts=True)
             for row in rows:
                 self.written[str(row.id)] = None
                 self.touched_functions.add(row.function_id)
@@ -132,14 +130,15 @@ class RecordsWriter:
         for invocation_id in list(self.waiting_logs):
             if invocation_id in self.written:
                 for when, level, message in self.waiting_logs.pop(invocation_id):
+                    # A function prints what it likes: keep the line, with what cannot be stored replaced.
                     lines.append(InvocationLog(invocation_id=uuid.UUID(invocation_id), time=when,
-                                               level=level[:10], message=message))
+                                               level=storable(level[:10]), message=storable(message)))
                 self.waiting_since.pop(invocation_id, None)
             elif now - self.waiting_since.get(invocation_id, now) > ORPHAN_LOG_SECONDS:
                 self.waiting_logs.pop(invocation_id, None)
                 self.waiting_since.pop(invocation_id, None)
         if lines:
-            InvocationLog.objects.bulk_create(lines)
+            _insert(InvocationLog, lines)
         return len(records)
 
     def prune(self) -> None:
@@ -167,3 +166,36 @@ class RecordsWriter:
             self.flush()
         except Exception:  # noqa: BLE001 - shutting down: nothing left to report to
             log.exception("final flush of invocation records failed")
+
+
+def _insert(model, rows: list, **options) -> list:
+    """Insert ``rows`` in one batch; returns the rows stored. A batch the database refuses (a row it
+    cannot take, such as a log line whose invocation was deleted meanwhile) is inserted again row by
+    row, so the refused row costs only itself, not the other invocations and tenants in the batch."""
+    try:
+        _insert_batch(model, rows, **options)
+        return rows
+    except OperationalError:
+        raise  # retried already, and about the database, not about these rows
+    except DatabaseError as exc:
+        if len(rows) == 1:
+            log.warning("the database refused a %s row, which is dropped: %s", model.__name__, exc)
+            return []
+        log.warning("the database refused a batch of %d %s rows (%s); writing them one by one", len(rows),
+                    model.__name__, exc)
+    return [row for row in rows if _insert(model, [row], **options)]
+
+
+def _insert_batch(model, rows: list, **options) -> None:
+    for attempt in range(WRITE_ATTEMPTS):
+        try:
+            # Its own transaction (a savepoint inside a caller's): a refused batch leaves nothing
+            # behind, and foreign keys are checked here, not at some later commit.
+            with transaction.atomic():
+                model.objects.bulk_create(rows, **options)
+            return
+        except OperationalError:
+            # A transient lock (SQLite) must not cost the batch; nothing of it was kept, so it can be retried.
+            if attempt == WRITE_ATTEMPTS - 1:
+                raise
+            time.sleep(0.05 * 2 ** attempt)

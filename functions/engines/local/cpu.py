@@ -133,22 +133,6 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def host_pid(pid: int, *, under: int) -> int | None:
-    """The host pid of the process that ``pid`` names inside a pid namespace (a fork server's child
-    in the bubblewrap sandbox), looked for among the descendants of host process ``under``."""
-    for candidate in descendants(under):
-        try:
-            with open(f"/proc/{candidate}/status") as file:
-                for line in file:
-                    if line.startswith("NSpid:"):
-                        if int(line.split()[-1]) == pid:
-                            return candidate
-                        break
-        except (OSError, ValueError):
-            continue
-    return None
-
-
 # ---- the throttle -----------------------------------------------------------------------------------------
 
 @dataclass

@@ -3,6 +3,8 @@ stopped afterwards, functions deployed through the services, and an in-process g
 
 import asyncio
 import json
+import socket
+import threading
 import time
 
 import pytest
@@ -151,3 +153,25 @@ def wait_for(predicate, timeout=15.0, interval=0.05):
             return value
         time.sleep(interval)
     return predicate()
+
+
+def host_listener(host="127.0.0.1"):
+    """A TCP listener on the host that accepts and closes: (port, stop event). What the sandbox tests try
+    to reach from inside."""
+    server = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind((host, 0))
+    server.listen(16)
+    stop = threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                server.accept()[0].close()
+            except OSError:
+                pass
+        server.close()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return server.getsockname()[1], stop

@@ -3,14 +3,12 @@ way out — to the host, the portal or another tenant — and each attempt must 
 
 import json
 import os
-import socket
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.engines.local.conftest import needs_bwrap, wait_for
+from tests.engines.local.conftest import host_listener as _listener, needs_bwrap, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), needs_bwrap]
 
@@ -210,26 +208,6 @@ def handle(event, context):
             out[f"{host}:{port}"] = type(exc).__name__
     return out
 """
-
-
-def _listener(host):
-    server = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    server.bind((host, 0))
-    server.listen(16)
-    stop = threading.Event()
-
-    def accept():
-        server.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                server.accept()[0].close()
-            except OSError:
-                pass
-        server.close()
-
-    threading.Thread(target=accept, daemon=True).start()
-    return server.getsockname()[1], stop
 
 
 @pytest.mark.parametrize("allow_egress", [False, True])

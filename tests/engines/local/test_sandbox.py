@@ -3,14 +3,12 @@ the portal's environment (with or without it), and no network unless egress is a
 
 import json
 import os
-import socket
-import threading
 from pathlib import Path
 
 import pytest
 from django.conf import settings
 
-from tests.engines.local.conftest import needs_bwrap
+from tests.engines.local.conftest import host_listener, needs_bwrap
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -130,27 +128,6 @@ def handle(event, context):
     assert "nimbus-host-marker" not in result["tmp"]
 
 
-def _listener():
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(5)
-    stop = threading.Event()
-
-    def accept():
-        server.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-                conn.sendall(b"hello from the host")
-                conn.close()
-            except OSError:
-                pass
-        server.close()
-
-    threading.Thread(target=accept, daemon=True).start()
-    return server.getsockname()[1], stop
-
-
 CONNECT = """
 import socket
 
@@ -166,7 +143,7 @@ def handle(event, context):
 @needs_bwrap
 def test_no_network_unless_egress_and_never_the_host(make_engine, deploy, gateway):
     make_engine(sandbox_mode="bwrap")
-    port, stop = _listener()
+    port, stop = host_listener()
     try:
         deploy("closed", {"handler.py": CONNECT})
         deploy("open", {"handler.py": CONNECT}, allow_egress=True)

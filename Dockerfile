@@ -1,4 +1,5 @@
-# The Nimbus portal image: daphne serving the Django project (HTTP + the IDE's WebSockets).
+# The Nimbus portal image: daphne (bounded request bodies, portal/serve.py) serving the Django project
+# (HTTP + the IDE's WebSockets).
 # Build from the repository root:  docker build -t registry.example.com/nimbus/portal:0.1.0 .
 # Runtime images for functions are separate: functions/runtimes/<runtime>/Dockerfile.
 
@@ -43,4 +44,4 @@ RUN SECRET_KEY=build-only-not-secret python manage.py nimbus_assets \
 
 USER 10001
 EXPOSE 8000
-CMD ["daphne", "-b", "0.0.0.0", "-p", "8000", "--proxy-headers", "portal.asgi:application"]
+CMD ["python", "-m", "portal.serve", "-b", "0.0.0.0", "-p", "8000", "--proxy-headers", "portal.asgi:application"]

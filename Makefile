@@ -66,7 +66,7 @@ demo: migrate
 	DEBUG=1 NIMBUS_PUBLIC_URL=$(PUBLIC_URL) $(PY) manage.py nimbus_demo
 
 serve:
-	DEBUG=1 NIMBUS_PUBLIC_URL=$(PUBLIC_URL) $(VENV)/bin/daphne -b $(HOST) -p $(PORT) portal.asgi:application
+	DEBUG=1 NIMBUS_PUBLIC_URL=$(PUBLIC_URL) $(PY) -m portal.serve -b $(HOST) -p $(PORT) portal.asgi:application
 
 run: sandbox demo serve
 
@@ -75,7 +75,7 @@ test: system setup
 
 check: setup
 	DEBUG=0 SECRET_KEY=check-only-$$(date +%s)-0123456789abcdefghijklmnopqrstuvwxyz ALLOWED_HOSTS=nimbus.example.com \
-		$(PY) manage.py check --deploy --fail-level WARNING
+		NIMBUS_METRICS_TOKEN=check-only-$$(date +%s) $(PY) manage.py check --deploy --fail-level WARNING
 
 bench: setup
 	$(PY) bench/run.py

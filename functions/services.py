@@ -11,7 +11,7 @@ import threading
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.db import IntegrityError, close_old_connections, transaction
+from django.db import IntegrityError, connection, connections, transaction
 from django.db.models import F, Max, Sum
 from django.utils import timezone
 from guardian.shortcuts import assign_perm, remove_perm
@@ -36,6 +36,7 @@ from portal.errors import (
 from portal.text import shown, unstorable
 from tenancy.models import Tenant
 from tenancy.permissions import FUNCTION_PERMS, SHARE_LEVELS
+from tenancy.revocation import access_changed
 from tenancy.selectors import user_can_tenant
 from tenancy.services import audit_record, full_clean_or_raise, require_tenant_locked, role_group, tenant_locked
 
@@ -435,6 +436,8 @@ def function_share(*, acting_user, function: Function, username: str, level: str
             assign_perm(f"functions.{perm}", user, function)
         audit_record(actor=acting_user, action="function.share", tenant=function.tenant, target=function,
                      details={"user": username, "level": level})
+        # A new level may run the function or no longer: cached gateway decisions go (tenancy/revocation.py).
+        access_changed(reason=f"your access to {function} changed", tenant_id=function.tenant_id)
 
 
 def function_unshare(*, acting_user, function: Function, username: str) -> None:
@@ -447,6 +450,8 @@ def function_unshare(*, acting_user, function: Function, username: str) -> None:
             remove_perm(f"functions.{perm}", user, function)
         audit_record(actor=acting_user, action="function.unshare", tenant=function.tenant, target=function,
                      details={"user": username})
+        access_changed(reason=f"{function} is no longer shared with you", tenant_id=function.tenant_id,
+                       user_ids=[user.pk], close_sockets=True)
 
 
 # ---- deploy, traffic, rollback --------------------------------------------------------------
@@ -552,7 +557,7 @@ def _deploy_thread(revision_id: int, promote: bool) -> None:
     try:
         run_deploy(revision_id, promote=promote)
     finally:
-        close_old_connections()
+        connections.close_all()  # the thread ends: its connections go back to the pool
 
 
 def run_deploy(revision_id: int, *, promote: bool = True) -> Revision:
@@ -578,6 +583,10 @@ def run_deploy(revision_id: int, *, promote: bool = True) -> Revision:
                     for t in traffic_specs(function) if t.tag and t.revision != revision.number]
     else:
         traffic = traffic_specs(function)
+    if not connection.in_atomic_block:
+        # The engine's part can take minutes (an image build, a rollout): hold none of the pool's
+        # connections meanwhile. The next query takes one again.
+        connection.close()
     try:
         engine = get_engine()
         engine.ensure_tenant(tenant_spec(function.tenant))

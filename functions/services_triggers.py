@@ -16,6 +16,7 @@ from functions.selectors import user_can_function
 from functions.triggers import cron, events, queue
 from functions.triggers.worker import notify
 from portal.errors import Conflict, NotFound, PermissionDenied, ValidationFailed
+from portal.text import unstorable
 from tenancy.models import ApiToken
 from tenancy.selectors import user_can_tenant
 from tenancy.services import audit_record, full_clean_or_raise
@@ -32,12 +33,36 @@ def _require(user, function: Function, action: str) -> None:
         raise PermissionDenied(f"You may not {action} this function.")
 
 
+def _require_storable(**fields) -> None:
+    """Refuse text the database cannot store (a NUL, a lone surrogate) by the field that holds it,
+    before PostgreSQL answers with an error instead of a refusal. A value is a string, or a list of
+    filter objects whose keys and strings are checked one by one (``filters.<i>.<key>``)."""
+    for field, value in fields.items():
+        if isinstance(value, str):
+            reason = unstorable(value)
+            if reason:
+                raise ValidationFailed(f"The {field.replace('_', ' ')} holds {reason}, which Nimbus does not "
+                                       "accept.", field=field)
+            continue
+        for index, item in enumerate(value if isinstance(value, list) else []):
+            for key, text in (item.items() if isinstance(item, dict) else ()):
+                reason = unstorable(str(key))
+                if reason:
+                    raise ValidationFailed(f"A key of filter {index + 1} holds {reason}, which Nimbus does not "
+                                           "accept.", field=f"{field}.{index}")
+                reason = unstorable(text) if isinstance(text, str) else None
+                if reason:
+                    raise ValidationFailed(f"The {key} of filter {index + 1} holds {reason}, which Nimbus does "
+                                           "not accept.", field=f"{field}.{index}.{key}")
+
+
 def _clean_callback_url(url: str) -> str:
     """A callback URL the portal will post to, or DestinationRefused. The address is checked again
     when the callback is sent (functions.outbound): a name may resolve differently by then."""
     url = (url or "").strip()
     if not url:
         return ""
+    _require_storable(callback_url=url)
     if len(url) > CALLBACK_URL_MAX:
         # Cutting it would post somewhere else than the user named.
         raise ValidationFailed(f"The callback URL is longer than {CALLBACK_URL_MAX} characters.",
@@ -92,6 +117,7 @@ def _clean_trigger(trigger: Trigger) -> None:
 def trigger_create(*, acting_user, function: Function, name: str, kind: str, enabled: bool = True,
                    schedule: str = "", time_zone: str = "UTC", filters: list | None = None) -> Trigger:
     _require(acting_user, function, "change")
+    _require_storable(name=name, schedule=schedule or "", time_zone=time_zone or "", filters=filters or [])
     if kind not in Trigger.Kind.values:
         raise ValidationFailed(f"Trigger kind '{kind}': use one of {', '.join(Trigger.Kind.values)}.", field="kind")
     trigger = Trigger(function=function, name=name, kind=kind, enabled=enabled, schedule=schedule or "",
@@ -117,6 +143,7 @@ def trigger_update(*, acting_user, trigger: Trigger, **changes) -> Trigger:
     unknown = set(changes) - set(TRIGGER_FIELDS)
     if unknown:
         raise ValidationFailed(f"Unknown setting(s): {', '.join(sorted(unknown))}.")
+    _require_storable(**{f: v for f, v in changes.items() if f != "enabled" and v is not None})
     before = {f: getattr(trigger, f) for f in changes}
     for field, value in changes.items():
         setattr(trigger, field, value)
@@ -150,6 +177,7 @@ def retry_policy_set(*, acting_user, function: Function, **changes) -> RetryPoli
     unknown = set(changes) - set(POLICY_FIELDS)
     if unknown:
         raise ValidationFailed(f"Unknown setting(s): {', '.join(sorted(unknown))}.")
+    _require_storable(**{f: v for f, v in changes.items() if isinstance(v, str)})
     with transaction.atomic():
         policy, _ = RetryPolicy.objects.select_for_update().get_or_create(function=function)
         diff = {}
@@ -174,9 +202,13 @@ def retry_policy_set(*, acting_user, function: Function, **changes) -> RetryPoli
 
 # ---- async calls and published events -------------------------------------------------------------------
 
-def _require_callback_caller(caller: ApiToken | None, tenant_id: int) -> None:
+def _require_callback_caller(caller: ApiToken | None, tenant_id: int, function_id: int) -> None:
     """A callback makes the portal send a request where the caller says, so naming one takes an
-    authenticated caller of the function's tenant, even where the function itself is public."""
+    authenticated caller of the function's tenant who may run the function (INVOKE_PERM, as a
+    token-auth function asks at the gateway), even where the function itself is public: a viewer's
+    token may carry the invoke scope, for the functions shared with them to run, and no others."""
+    from functions.invoke_access import access_of_token
+
     if caller is None:
         raise PermissionDenied("Naming a callback (X-Nimbus-Callback-Url) needs a valid API token with the "
                                "invoke scope (Authorization: Bearer …); anonymous callers may not name one.",
@@ -187,6 +219,10 @@ def _require_callback_caller(caller: ApiToken | None, tenant_id: int) -> None:
     if not caller.has_scope(ApiToken.Scope.INVOKE):
         raise PermissionDenied("Naming a callback (X-Nimbus-Callback-Url) needs the invoke scope, which the API "
                                "token lacks.", field="callback_url")
+    if not access_of_token(caller).may_invoke(function_id):
+        raise PermissionDenied("Naming a callback (X-Nimbus-Callback-Url) needs an API token whose user may run "
+                               "this function: viewers read only, unless the function is shared with them to "
+                               "edit or deploy.", field="callback_url")
 
 
 def async_invocation_accept(*, function_id: int, method: str, path: str, headers: list, body: bytes,
@@ -200,7 +236,7 @@ def async_invocation_accept(*, function_id: int, method: str, path: str, headers
     if function is None:
         raise NotFound("There is no such function.")
     if callback_url:
-        _require_callback_caller(caller, function["tenant_id"])
+        _require_callback_caller(caller, function["tenant_id"], function_id)
         callback_url = _clean_callback_url(callback_url)
     else:
         callback_url = function["retry_policy__callback_url"] or ""
@@ -250,6 +286,11 @@ def dead_letter_discard(*, acting_user, delivery: Delivery) -> None:
 def sequence_create(*, acting_user, tenant, name: str, functions: list[str], description: str = "") -> Sequence:
     if not user_can_tenant(acting_user, tenant, "create_function"):
         raise PermissionDenied("You may not create sequences in this tenant.")
+    _require_storable(name=name, description=description or "")
+    for index, step in enumerate(functions or []):
+        if isinstance(step, str) and unstorable(step):
+            raise ValidationFailed(f"Step {index + 1} holds {unstorable(step)}, which Nimbus does not accept.",
+                                   field=f"functions.{index}")
     if not functions:
         raise ValidationFailed("A sequence needs at least one function.", field="functions")
     if len(functions) > 20:

@@ -1,11 +1,16 @@
 """Turns each batch the invocation records writer stores into rollups, Prometheus samples and
-trace spans. Runs on the writer's thread, never on the request path."""
+trace spans. Runs on the writer's thread, never on the request path.
+
+A batch holds many tenants' spans, and functions name their own spans and attributes: text the
+database cannot store (NUL, lone surrogates) is cleaned, values JSON cannot carry are made text, and
+a batch the database still refuses is written row by row, so one bad span never costs the others."""
 
 from __future__ import annotations
 
 import bisect
 import json
 import logging
+import math
 import time
 import uuid
 from collections import defaultdict
@@ -17,14 +22,19 @@ from django.db.models import F
 from django.db.models.functions import Greatest
 from django.utils import timezone
 
+from functions.engines.local.records import insert_rows
 from observability import identity, metrics, tracing
 from observability.models import BUCKET_BOUNDS_MS, BUCKET_FIELDS, HourRollup, MinuteRollup, Span
+from portal.text import storable
 
 log = logging.getLogger(__name__)
 
 PRUNE_INTERVAL = 300.0
 QUEUE_SPAN_MIN_MS = 1.0
 WRITE_ATTEMPTS = 3
+MAX_ATTRIBUTES = 64  # of one user span; OpenTelemetry's default limit is 128
+MAX_ATTRIBUTE_CHARS = 1000
+HEX = frozenset("0123456789abcdef")
 _last_prune = 0.0
 
 
@@ -70,18 +80,24 @@ def invocations_written(rows, traces: dict | None = None) -> None:
                         queue_ms=row.queue_ms, cold_start=row.cold_start, gb_seconds=row.billed_gb_seconds)
     spans = []
     for row in rows:
-        spans.extend(spans_for(row, ids[row.function_id][0], traces.get(str(row.id)) or {}, ids[row.function_id][2]))
+        try:
+            spans.extend(storable_span(span) for span in spans_for(
+                row, ids[row.function_id][0], traces.get(str(row.id)) or {}, ids[row.function_id][2]))
+        except Exception:  # noqa: BLE001 - one invocation's trace must not cost the batch its rollups
+            log.exception("the spans of invocation %s could not be read; it is kept without them", row.id)
     for attempt in range(WRITE_ATTEMPTS):
         try:
             # All or nothing, so a retry after a transient lock error cannot count a batch twice.
             with transaction.atomic():
                 _roll_up(rows, ids, traces)
-                Span.objects.bulk_create(spans)
             break
         except OperationalError:
             if attempt == WRITE_ATTEMPTS - 1:
                 raise
             time.sleep(0.05 * 2 ** attempt)
+    # Apart from the rollups: a span the database refuses costs only itself (row by row), never the
+    # counts, nor the other invocations' and tenants' spans.
+    spans = insert_rows(Span, spans) if spans else []
     if spans:
         try:
             tracing.export(spans, {f: (v[1], v[2], v[3], identity.trace_service_for(v[1], v[2]))
@@ -133,7 +149,55 @@ def _roll_up_into(model, period: str, truncate: dict, rows, ids, traces: dict) -
 
 
 def _span_id(value: str = "") -> str:
-    return value if len(value) == 16 else f"{uuid.uuid4().int >> 64:016x}"
+    """``value`` when it is a span id (16 hex digits), else a new one."""
+    value = value.lower()
+    return value if len(value) == 16 and HEX.issuperset(value) else f"{uuid.uuid4().int >> 64:016x}"
+
+
+def _trace_link(trace: dict) -> tuple[str, str]:
+    """(trace id, span id) the gateway linked the call to (a caller outside the tenant), or ("", "")."""
+    link = trace.get("link")
+    if isinstance(link, (list, tuple)) and len(link) == 2:
+        trace_id, span_id = (str(part).lower() for part in link)
+        if len(trace_id) == 32 and len(span_id) == 16 and HEX.issuperset(trace_id + span_id):
+            return trace_id, span_id
+    return "", ""
+
+
+def _attribute(value):
+    """One attribute value as OpenTelemetry and the JSON column take it: str, bool, int, finite
+    float; anything else as text."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return value if -2 ** 63 <= value < 2 ** 63 else str(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    text = value if isinstance(value, str) else json.dumps(value, default=str, ensure_ascii=False)[:MAX_ATTRIBUTE_CHARS]
+    return storable(text[:MAX_ATTRIBUTE_CHARS])
+
+
+def storable_attributes(attributes) -> dict:
+    if not isinstance(attributes, dict):
+        return {}
+    return {storable(str(key)[:200]): _attribute(value) for key, value in list(attributes.items())[:MAX_ATTRIBUTES]}
+
+
+def storable_span(span: Span) -> Span:
+    """``span`` with its text fit for any database: NUL and lone surrogates replaced, attributes flat
+    and JSON-safe (PostgreSQL's jsonb refuses NaN and \\u0000)."""
+    span.name = storable(span.name)[:200]
+    span.error = storable(span.error)
+    span.attributes = storable_attributes(span.attributes)
+    return span
+
+
+def _float(value, default: float = 0.0) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return default
+    return number if math.isfinite(number) else default
 
 
 def spans_for(row, tenant_id: int, trace: dict, function_name: str = "") -> list[Span]:
@@ -146,9 +210,10 @@ def spans_for(row, tenant_id: int, trace: dict, function_name: str = "") -> list
     total_ms = float(trace.get("total_ms") or (row.queue_ms + row.duration_ms))
     start = row.started_at
     failed = row.error if row.status != "success" else ""
+    link_trace, link_span = _trace_link(trace)
     spans = [Span(**common, span_id=gateway_id, parent_id=trace.get("caller_span", "")[:16],
                   name=f"{row.trigger} {function_name or row.function_id}", kind=Span.Kind.GATEWAY, start=start,
-                  duration_ms=total_ms, error=failed[:2000],
+                  duration_ms=total_ms, error=failed[:2000], link_trace_id=link_trace, link_span_id=link_span,
                   attributes={"status": row.status, "http.status_code": row.http_status or 0,
                               "cold_start": row.cold_start, "instance": row.instance})]
     # A warm call's sub-millisecond wait is noise in a waterfall and a third of the rows stored.
@@ -179,15 +244,18 @@ def spans_for(row, tenant_id: int, trace: dict, function_name: str = "") -> list
                 continue
             try:
                 user_start = datetime.fromisoformat(str(user.get("start")))
-            except (TypeError, ValueError):
+                if user_start.tzinfo is None:
+                    user_start = user_start.replace(tzinfo=dt_timezone.utc)
+                # In UTC: PostgreSQL refuses some offsets Python accepts (beyond ±15:59).
+                user_start = user_start.astimezone(dt_timezone.utc)
+            except (TypeError, ValueError, OverflowError):
                 user_start = handler_start
-            if user_start.tzinfo is None:
-                user_start = user_start.replace(tzinfo=dt_timezone.utc)
-            attributes = user.get("attributes") if isinstance(user.get("attributes"), dict) else {}
+            parent = str(user.get("parent_id") or "").lower()
             spans.append(Span(**common, span_id=_span_id(str(user.get("span_id", ""))),
-                              parent_id=str(user.get("parent_id") or handler_id)[:16],
+                              parent_id=parent if len(parent) == 16 and HEX.issuperset(parent) else handler_id,
                               name=str(user.get("name", "span"))[:200], kind=Span.Kind.USER, start=user_start,
-                              duration_ms=float(user.get("duration_ms") or 0), attributes=attributes,
+                              duration_ms=max(0.0, _float(user.get("duration_ms"))),
+                              attributes=storable_attributes(user.get("attributes")),
                               error=str(user.get("error") or "")[:2000]))
     return spans
 

@@ -93,6 +93,10 @@ class Span(models.Model):
     duration_ms = models.FloatField(default=0)
     attributes = models.JSONField(default=dict, blank=True)
     error = models.TextField(blank=True)
+    # A caller outside the tenant (anonymous, another tenant's token) that sent a traceparent starts a
+    # trace of its own: its span context is kept as an OpenTelemetry span link, never as the parent.
+    link_trace_id = models.CharField(max_length=32, blank=True)
+    link_span_id = models.CharField(max_length=16, blank=True)
 
     class Meta:
         ordering = ["start", "id"]

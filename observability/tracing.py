@@ -62,7 +62,7 @@ def export(spans, identity: dict) -> None:
     if proc is None or not spans:
         return
     from opentelemetry.sdk.trace import ReadableSpan
-    from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+    from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
     for span in spans:
         tenant, function, namespace, service = identity[span.function_id]
@@ -78,10 +78,14 @@ def export(spans, identity: dict) -> None:
             else:
                 attributes[str(key)] = str(value)
         status = Status(StatusCode.ERROR, span.error[:500]) if span.error else Status(StatusCode.UNSET)
+        # A caller outside the tenant: its trace is linked to, never joined.
+        links = ([Link(SpanContext(int(span.link_trace_id, 16), int(span.link_span_id, 16), is_remote=True,
+                                   trace_flags=TraceFlags(1)))]
+                 if span.link_trace_id and span.link_span_id else [])
         proc.on_end(ReadableSpan(
             name=span.name, context=context, parent=parent,
             resource=_resource(service, tenant, function, namespace), attributes=attributes,
-            kind=SpanKind.SERVER if span.kind == "gateway" else SpanKind.INTERNAL,
+            kind=SpanKind.SERVER if span.kind == "gateway" else SpanKind.INTERNAL, links=links,
             start_time=start_ns, end_time=start_ns + int(span.duration_ms * 1_000_000), status=status))
 
 

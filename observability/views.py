@@ -3,11 +3,12 @@ overview, and the Prometheus exposition at /metrics."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 
 from django.conf import settings
 from django.core.paginator import Paginator
-from django.http import HttpResponse
+from django.http import HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
@@ -99,6 +100,7 @@ def trace_detail(request, tenant, trace_id):
     return render(request, "observability/trace.html", tenant_context(
         request.user, tenant, "monitor", trace_id=trace_id.lower(), rows=rows, total_ms=total_ms, function=function,
         invocation_id=spans[0].invocation_id,
+        linked_from=next((s.link_trace_id for s in spans if s.link_trace_id), ""),
         jaeger_url=panels.jaeger_trace_url(jaeger, trace_id.lower()) if panels.origin(jaeger) else ""))
 
 
@@ -111,18 +113,34 @@ def tenant_monitor(request, tenant):
         request.user, tenant, "monitor", metrics=data, ranges=_range_choices(window.key), range=window))
 
 
-def _metrics_token_ok(request) -> bool:
-    token = getattr(settings, "NIMBUS_METRICS_TOKEN", "")
+def _metrics_refusal(request) -> HttpResponse | None:
+    """Why this request may not read /metrics (a response to send), or None when it may.
+
+    The exposition names every tenant's functions, so it is only public on a development install
+    (DEBUG): otherwise it needs NIMBUS_METRICS_TOKEN set (the deploy check warns when it is not)
+    and that token as ``Authorization: Bearer <token>``."""
+    token = getattr(settings, "NIMBUS_METRICS_TOKEN", "") or ""
     if not token:
-        return True
+        if settings.DEBUG:
+            return None
+        return JsonResponse({"code": "permission_denied",
+                             "detail": "/metrics is closed: set NIMBUS_METRICS_TOKEN and scrape with "
+                                       "Authorization: Bearer <token>."}, status=403)
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+    # Digests of equal length, compared in constant time: neither the token nor its length shows.
+    if scheme.lower() == "bearer" and hmac.compare_digest(
+            hashlib.sha256(given.strip().encode("utf-8", "surrogatepass")).digest(),
+            hashlib.sha256(token.encode()).digest()):
+        return None
+    return JsonResponse({"code": "unauthenticated", "detail": "/metrics needs Authorization: Bearer <token>."},
+                        status=401, headers={"WWW-Authenticate": 'Bearer realm="metrics"'})
 
 
 @require_GET
 def metrics_view(request):
-    """Prometheus text exposition; with NIMBUS_METRICS_TOKEN set, only for ``Authorization: Bearer <token>``."""
-    if not _metrics_token_ok(request):
-        return HttpResponse("A bearer token is required.\n", status=401, content_type="text/plain",
-                            headers={"WWW-Authenticate": 'Bearer realm="metrics"'})
+    """Prometheus text exposition, for ``Authorization: Bearer <NIMBUS_METRICS_TOKEN>`` (open without a
+    token only when DEBUG is on)."""
+    refusal = _metrics_refusal(request)
+    if refusal is not None:
+        return refusal
     return HttpResponse(metrics.exposition(), content_type="text/plain; version=0.0.4; charset=utf-8")

@@ -10,19 +10,23 @@ django_asgi_app = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402  (needs Django set up first)
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 from functions.engines.local.gateway import gateway_app  # noqa: E402
+from portal.asgi_limits import BodyLimit  # noqa: E402
+from portal.origins import SameOriginWebSockets  # noqa: E402
 from webide.routing import websocket_urlpatterns  # noqa: E402
 
 GATEWAY_PREFIX = "/fn/"
+# Django's handler reads a whole body before its middleware runs: the body limit stands in front of it
+# (portal/asgi_limits.py). The gateway keeps its own, the engine's.
+django_http_app = BodyLimit(django_asgi_app)
 
 
 async def http_app(scope, receive, send):
     if scope["path"].startswith(GATEWAY_PREFIX):
         await gateway_app(scope, receive, send)
     else:
-        await django_asgi_app(scope, receive, send)
+        await django_http_app(scope, receive, send)
 
 
 # The delivery worker (async calls, CloudEvents, cron) runs in the portal process unless
@@ -33,5 +37,6 @@ start_in_process()
 
 application = ProtocolTypeRouter({
     "http": http_app,
-    "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+    # Scheme, host and port of the page against the portal's own origins (portal/origins.py).
+    "websocket": SameOriginWebSockets(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
 })

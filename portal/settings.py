@@ -87,6 +87,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "portal.middleware.StorableAddressMiddleware",  # a NUL in a path or query: 400, not a 500 deeper in
+    "portal.middleware.BodyLimitMiddleware",  # a body over NIMBUS_MAX_BODY_BYTES: 413 before anything reads it
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -95,6 +96,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "portal.middleware.RequestContextMiddleware",
+    "portal.middleware.DatabaseBusyMiddleware",  # no database connection in time: 503, not a 500
 ]
 
 ROOT_URLCONF = "portal.urls"
@@ -120,8 +122,23 @@ ASGI_APPLICATION = "portal.asgi.application"
 
 # Database: SQLite file by default, anything dj-database-url understands with DATABASE_URL.
 DATABASE_URL = os.environ.get("DATABASE_URL", "")
+# On PostgreSQL the process holds at most NIMBUS_DB_POOL_MAX_SIZE connections (psycopg's pool), whatever
+# the number of request threads; a request that gets none within NIMBUS_DB_POOL_TIMEOUT seconds answers
+# 503 with Retry-After (portal/middleware.py). A max size of 0 turns the pool off: a connection per request
+# thread, closed when the request ends (behind an external pooler such as PgBouncer, or as a baseline).
+NIMBUS_DB_POOL_MIN_SIZE = int(os.environ.get("NIMBUS_DB_POOL_MIN_SIZE", "2"))
+NIMBUS_DB_POOL_MAX_SIZE = int(os.environ.get("NIMBUS_DB_POOL_MAX_SIZE", "20"))
+NIMBUS_DB_POOL_TIMEOUT = float(os.environ.get("NIMBUS_DB_POOL_TIMEOUT", "10"))
 if DATABASE_URL:
-    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60)}
+    # No persistent connections: with the pool a request gives its connection back when it ends (the pool
+    # requires CONN_MAX_AGE 0); without it, threads that come and go would each keep one open.
+    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
+    if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and NIMBUS_DB_POOL_MAX_SIZE > 0:
+        DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+            "min_size": min(NIMBUS_DB_POOL_MIN_SIZE, NIMBUS_DB_POOL_MAX_SIZE),
+            "max_size": NIMBUS_DB_POOL_MAX_SIZE,
+            "timeout": NIMBUS_DB_POOL_TIMEOUT,
+        }
 else:
     NIMBUS_DATA_DIR.mkdir(parents=True, exist_ok=True)
     DATABASES = {
@@ -136,6 +153,7 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # Channel layer: in-memory by default, Redis with REDIS_URL.
 REDIS_URL = os.environ.get("REDIS_URL", "")
+NIMBUS_REDIS_PREFIX = os.environ.get("NIMBUS_REDIS_PREFIX", "nimbus")  # of all keys: the layer's, tenancy.revocation's
 if REDIS_URL:
     REDIS_SOCKET_TIMEOUT = float(os.environ.get("NIMBUS_REDIS_SOCKET_TIMEOUT", "30"))
     CHANNEL_LAYERS = {
@@ -147,7 +165,7 @@ if REDIS_URL:
                 # health check still notice a Redis that is gone.
                 "hosts": [{"address": REDIS_URL, "socket_timeout": REDIS_SOCKET_TIMEOUT, "socket_connect_timeout": 5,
                            "socket_keepalive": True, "health_check_interval": 30, "retry_on_timeout": True}],
-                "prefix": os.environ.get("NIMBUS_REDIS_PREFIX", "nimbus"),
+                "prefix": NIMBUS_REDIS_PREFIX,
             },
         }
     }
@@ -205,9 +223,9 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "portal.api.schema.NimbusAutoSchema",
     "EXCEPTION_HANDLER": "portal.api.exceptions.exception_handler",
     "DEFAULT_PARSER_CLASSES": [
-        "portal.api.parsers.JSONParser",  # DRF's, with too deeply nested JSON a 400
-        "rest_framework.parsers.FormParser",
-        "rest_framework.parsers.MultiPartParser",
+        # JSON only, as the schema says: DRF's parser, with too deeply nested JSON a 400; a form or
+        # multipart body answers 415.
+        "portal.api.parsers.JSONParser",
     ],
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
@@ -258,6 +276,19 @@ NIMBUS_PUBLIC_URL = os.environ.get("NIMBUS_PUBLIC_URL", "http://127.0.0.1:8000")
 NIMBUS_MAX_FILE_BYTES = int(os.environ.get("NIMBUS_MAX_FILE_BYTES", str(512 * 1024)))
 NIMBUS_MAX_SOURCE_BYTES = int(os.environ.get("NIMBUS_MAX_SOURCE_BYTES", str(2 * 1024 * 1024)))
 NIMBUS_MAX_FILES = int(os.environ.get("NIMBUS_MAX_FILES", "200"))
+# Largest request body, as sent, anywhere: the API and pages, the event ingress, the gateway on both
+# engines. Over it: 413 in the API's error shape, naming the limit. Django's own limit is the same number
+# (the request as sent is what both measure), so Django never refuses first with its HTML 400.
+NIMBUS_MAX_BODY_BYTES = int(os.environ.get("NIMBUS_MAX_BODY_BYTES", str(6 * 1024 * 1024)))
+DATA_UPLOAD_MAX_MEMORY_SIZE = NIMBUS_MAX_BODY_BYTES
+# A whole draft travels as JSON, where each newline, quote, tab or backslash of source text takes two
+# bytes and non-ASCII text sent as \uXXXX escapes up to three times its UTF-8 size: twice the source
+# limit holds the largest draft of ordinary source text; a draft made mostly of escaped characters can
+# still be refused (413, naming the limit), never cut.
+if 2 * NIMBUS_MAX_SOURCE_BYTES > NIMBUS_MAX_BODY_BYTES:
+    raise RuntimeError(f"NIMBUS_MAX_BODY_BYTES ({NIMBUS_MAX_BODY_BYTES}) must be at least twice "
+                       f"NIMBUS_MAX_SOURCE_BYTES ({NIMBUS_MAX_SOURCE_BYTES}), so that the largest draft can be "
+                       "saved as JSON.")
 # Run the engine's part of a deploy in a background thread (the default) or inline (tests, CLI).
 NIMBUS_DEPLOY_INLINE = env_bool("NIMBUS_DEPLOY_INLINE", False)
 # Seconds between IDE presence beats; an editor silent for three beats (its process died) is dropped.
@@ -282,7 +313,6 @@ NIMBUS_LOCAL = {
     "EGRESS_ALLOW_CIDRS": env_list("NIMBUS_EGRESS_ALLOW_CIDRS", ""),
     # The interpreter Python functions run on (empty: the portal's, or the system's when that is private).
     "PYTHON": os.environ.get("NIMBUS_LOCAL_PYTHON", ""),
-    "MAX_BODY_BYTES": int(os.environ.get("NIMBUS_MAX_BODY_BYTES", str(6 * 1024 * 1024))),
     # Invocation records kept: the newest N per function, none older than D days.
     "RETENTION": {"MAX_PER_FUNCTION": int(os.environ.get("NIMBUS_RETENTION_PER_FUNCTION", "1000")),
                   "DAYS": float(os.environ.get("NIMBUS_RETENTION_DAYS", "7"))},
@@ -327,7 +357,8 @@ NIMBUS_KNATIVE = {
 }
 
 # Observability (observability/): the operators' tools the Monitor tab embeds when set, the
-# OTLP endpoint traces are exported to, and an optional bearer token in front of /metrics.
+# OTLP endpoint traces are exported to, and the bearer token in front of /metrics (without it /metrics
+# is closed unless DEBUG is on: it names every tenant's functions).
 GRAFANA_URL = os.environ.get("GRAFANA_URL", "").rstrip("/")
 GRAFANA_DASHBOARD_UID = os.environ.get("GRAFANA_DASHBOARD_UID", "nimbus-function")
 JAEGER_URL = os.environ.get("JAEGER_URL", "").rstrip("/")

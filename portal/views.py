@@ -109,7 +109,15 @@ def home(request):
     })
 
 
+def livez(request):
+    """Liveness: the process answers requests. It reads no database, so a busy pool or a database
+    outage (which /healthz reports, for readiness) never gets a healthy process restarted."""
+    return JsonResponse({"status": "ok"})
+
+
 def healthz(request):
+    """Readiness: the process answers and gets a database connection (503 with Retry-After when none
+    comes free in time)."""
     with connection.cursor() as cursor:
         cursor.execute("SELECT 1")
     return JsonResponse({"status": "ok"})

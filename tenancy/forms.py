@@ -42,7 +42,7 @@ class MemberAddForm(BootstrapForm):
 
 class MemberFilterForm(BootstrapForm):
     q = forms.CharField(required=False, label="Search",
-                        widget=forms.TextInput(attrs={"type": "search", "placeholder": "username or e-mail"}))
+                        widget=forms.TextInput(attrs={"type": "search", "placeholder": "username"}))
     role = forms.ChoiceField(required=False, choices=[("", "Any role"), *Role.choices])
 
 
@@ -59,6 +59,13 @@ class TokenCreateForm(BootstrapForm):
     scopes = forms.MultipleChoiceField(choices=ApiToken.Scope.choices, widget=forms.CheckboxSelectMultiple,
                                        initial=[ApiToken.Scope.READ])
     expires = forms.ChoiceField(choices=EXPIRY_CHOICES, initial="90", label="Expires in")
+
+    def __init__(self, *args, allowed_scopes=None, **kwargs):
+        """``allowed_scopes``: the scopes the user's role lets a token carry (the others are not offered;
+        token_create refuses them anyway)."""
+        super().__init__(*args, **kwargs)
+        if allowed_scopes is not None:
+            self.fields["scopes"].choices = [(v, label) for v, label in ApiToken.Scope.choices if v in allowed_scopes]
 
     def expires_at(self):
         value = self.cleaned_data["expires"]

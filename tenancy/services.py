@@ -12,13 +12,15 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
+from django.db.models import OuterRef, Subquery
 from django.utils import timezone
 from guardian.shortcuts import assign_perm
 
 from portal.errors import Conflict, NotFound, PermissionDenied, ValidationFailed
 from portal.middleware import client_ip
 from tenancy.models import ApiToken, AuditEvent, Membership, Quota, Role, Tenant
-from tenancy.permissions import TENANT_PERMS, role_group_name
+from tenancy.permissions import ROLE_ORDER, TENANT_PERMS, role_group_name, token_scopes_allowed
+from tenancy.revocation import access_changed
 from tenancy.selectors import tenant_for_user, user_can_tenant
 
 User = get_user_model()
@@ -161,6 +163,7 @@ def tenant_suspend(*, acting_user, tenant: Tenant, reason: str = "") -> Tenant:
         tenant.save(update_fields=["status"])
         audit_record(actor=acting_user, action="tenant.suspend", tenant=tenant, target=tenant,
                      details={"reason": reason})
+        access_changed(reason=f"{tenant.slug} was suspended", tenant_id=tenant.pk)
     return tenant
 
 
@@ -171,6 +174,18 @@ def tenant_reactivate(*, acting_user, tenant: Tenant) -> Tenant:
         tenant.save(update_fields=["status"])
         audit_record(actor=acting_user, action="tenant.reactivate", tenant=tenant, target=tenant)
     return tenant
+
+
+def user_deactivate(*, acting_user, user) -> None:
+    """Turn an account off (operators): its sessions and API tokens stop working in every process at
+    once, and its open IDE sockets are closed."""
+    _operator_only(acting_user)
+    with transaction.atomic():
+        user.is_active = False
+        user.save(update_fields=["is_active"])
+        audit_record(actor=acting_user, action="user.deactivate", target=user,
+                     details={"user": user.get_username()})
+        # The save above announced it (tenancy/signals.py), as any save that turns an account off does.
 
 
 _QUOTA_LIMITS = frozenset(f.name for f in Quota._meta.concrete_fields if f.name not in {"id", "tenant"})
@@ -209,9 +224,11 @@ def tenant_member_add(*, acting_user, tenant: Tenant, username: str, role: str) 
         raise ValidationFailed(f"Unknown role '{role}'.", field="role")
     if role == Role.OWNER and not user_can_tenant(acting_user, tenant, "change_tenant"):
         raise PermissionDenied("Only an owner can add another owner.")
-    user = User.objects.filter(username=username).first()
+    # Inactive accounts answer like unknown ones; nothing else about an account outside the tenant is
+    # said here or in the answer (no e-mail): a tenant admin learns only whether the name can be added.
+    user = User.objects.filter(username=username, is_active=True).first()
     if user is None:
-        raise ValidationFailed(f"There is no user named '{username}'.", field="username")
+        raise ValidationFailed(f"There is no user named '{username}' who can be added.", field="username")
     with tenant_locked(tenant) as locked:
         # Checked again under the lock: a concurrent change may just have taken the acting user's role.
         _require(acting_user, locked, "manage_members")
@@ -269,8 +286,41 @@ def tenant_member_change_role(*, acting_user, membership: Membership, role: str)
         current.save(update_fields=["role"])
         audit_record(actor=acting_user, action="member.change_role", tenant=locked, target=current,
                      details={"user": username, "from": old, "to": role})
+        _tokens_narrow(acting_user=acting_user, tenant=locked, user=current.user, role=role)
+        # Their tokens act at most as the new role allows from the next request on; an editor opened
+        # with more than the new role allows is closed.
+        access_changed(reason=f"your role in {tenant.slug} changed from {old} to {role}", tenant_id=locked.pk,
+                       user_ids=[current.user_id], close_sockets=ROLE_ORDER.index(role) < ROLE_ORDER.index(old))
     membership.role = role
     return membership
+
+
+def _tokens_narrow(*, acting_user, tenant: Tenant, user, role: str) -> None:
+    """After a role change, the user's tokens of the tenant keep only the scopes the new role allows,
+    in the database: narrowed only in memory at each use, a token would get its old scopes back the
+    day its user is promoted again, which nobody chose.
+
+    Rewritten rather than revoked: what the token still may do goes on working, as the narrowing at
+    each use already let it (a downgraded developer's CI keeps reading), and a promotion gives back
+    nothing; more takes a new token, made under the new role. A token left with no scope at all is
+    revoked. Each one is audited."""
+    allowed = token_scopes_allowed(role, superuser=user.is_superuser)
+    now = timezone.now()
+    tokens = ApiToken.objects.select_for_update().filter(tenant=tenant, user=user, revoked_at__isnull=True)
+    for token in tokens:
+        kept = [scope for scope in token.scopes if scope in allowed]
+        if kept == token.scopes:
+            continue
+        details = {"prefix": token.prefix, "from": token.scopes, "to": kept, "role": role}
+        if kept:
+            token.scopes = kept
+            token.save(update_fields=["scopes"])
+            audit_record(actor=acting_user, action="token.narrow", tenant=tenant, target=token, details=details)
+        else:  # its scopes stay as they were, for the record
+            token.revoked_at = now
+            token.save(update_fields=["revoked_at"])
+            audit_record(actor=acting_user, action="token.revoke", tenant=tenant, target=token,
+                         details={**details, "reason": f"the {role} role allows none of its scopes"})
 
 
 def _membership_delete(*, acting_user, tenant: Tenant, membership: Membership, action: str) -> None:
@@ -281,6 +331,8 @@ def _membership_delete(*, acting_user, tenant: Tenant, membership: Membership, a
         revoked_at=timezone.now())
     audit_record(actor=acting_user, action=action, tenant=tenant, target=membership,
                  details={"user": membership.user.get_username(), "role": membership.role})
+    access_changed(reason=f"you no longer belong to {tenant.slug}", tenant_id=tenant.pk,
+                   user_ids=[membership.user_id], close_sockets=True)
     membership.delete()
 
 
@@ -328,6 +380,13 @@ def token_create(*, acting_user, tenant: Tenant, name: str, scopes: list[str],
             field="scopes")
     if expires_at is not None and expires_at <= timezone.now():
         raise ValidationFailed("The expiry must be in the future.", field="expires_at")
+    role = Membership.objects.filter(tenant=tenant, user=acting_user).values_list("role", flat=True).first()
+    allowed = token_scopes_allowed(role, superuser=acting_user.is_superuser)
+    beyond = sorted(set(scopes) - allowed)
+    if beyond:
+        raise ValidationFailed(
+            f"Your role in {tenant.slug} ({role or 'none'}) does not allow a token with the scope(s) "
+            f"{', '.join(beyond)}; choose among {', '.join(sorted(allowed)) or 'none'}.", field="scopes")
     prefix = secrets.token_hex(4)
     plaintext = f"{TOKEN_PREFIX}_{prefix}_{secrets.token_urlsafe(32)}"
     with transaction.atomic():
@@ -349,18 +408,31 @@ def token_revoke(*, acting_user, token: ApiToken) -> ApiToken:
         token.save(update_fields=["revoked_at"])
         audit_record(actor=acting_user, action="token.revoke", tenant=token.tenant, target=token,
                      details={"prefix": token.prefix})
+        access_changed(reason=f"token {token.prefix} was revoked", tenant_id=token.tenant_id)
     return token
 
 
 def token_authenticate(plaintext: str) -> ApiToken | None:
-    """The usable token for this plaintext, or None. Marks it used (at most once a minute)."""
+    """The usable token for this plaintext, or None. Marks it used (at most once a minute).
+
+    The token comes back with ``member_role`` (its user's role in its tenant now) and with ``scopes``
+    narrowed to those that role allows (tenancy.permissions.ROLE_TOKEN_SCOPES): a token acts with at
+    most its scopes and its user's current role, whatever it was made with (a downgrade also narrows
+    the stored scopes, _tokens_narrow, so a later promotion gives none back). A
+    token whose user is no longer a member (and not an operator) is not usable.
+    """
     parts = plaintext.split("_", 2)
     if len(parts) != 3 or parts[0] != TOKEN_PREFIX or "\x00" in parts[1]:
         return None  # a NUL could not even be looked up (PostgreSQL refuses it in text)
-    token = (ApiToken.objects.select_related("user", "tenant")
+    role = Membership.objects.filter(tenant=OuterRef("tenant"), user=OuterRef("user")).values("role")[:1]
+    token = (ApiToken.objects.select_related("user", "tenant").annotate(member_role=Subquery(role))
              .filter(prefix=parts[1], token_hash=hash_token(plaintext)).first())
     if token is None or not token.is_usable or not token.user.is_active:
         return None
+    if token.member_role is None and not token.user.is_superuser:
+        return None
+    allowed = token_scopes_allowed(token.member_role, superuser=token.user.is_superuser)
+    token.scopes = [scope for scope in token.scopes if scope in allowed]
     now = timezone.now()
     if token.last_used_at is None or (now - token.last_used_at).total_seconds() > 60:
         ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)

@@ -16,6 +16,7 @@ from functions.selectors import functions_for_user
 from portal.errors import NimbusError, PermissionDenied
 from portal.views import form_error_from, nimbus_page
 from tenancy.forms import AuditFilterForm, MemberAddForm, MemberFilterForm, MemberRoleForm, TokenCreateForm
+from tenancy.permissions import token_scopes_allowed
 from tenancy.selectors import (
     audit_events_for_user,
     memberships_for_tenant,
@@ -24,7 +25,14 @@ from tenancy.selectors import (
     user_can_tenant,
     user_role,
 )
-from tenancy.services import tenant_member_add, tenant_member_change_role, tenant_member_remove, token_create, token_revoke
+from tenancy.services import (
+    tenant_member_add,
+    tenant_member_change_role,
+    tenant_member_leave,
+    tenant_member_remove,
+    token_create,
+    token_revoke,
+)
 
 TENANT_ACTIONS = ("create_function", "manage_members", "manage_tokens", "view_audit", "change_tenant")
 AUDIT_PAGE_SIZE = 50
@@ -90,7 +98,8 @@ def members(request, tenant):
     if filters.is_valid():
         if filters.cleaned_data["q"]:
             q = filters.cleaned_data["q"]
-            memberships = memberships.filter(Q(user__username__icontains=q) | Q(user__email__icontains=q))
+            # Usernames only: members' e-mail addresses are not shown here, nor to be probed by a search.
+            memberships = memberships.filter(user__username__icontains=q)
         if filters.cleaned_data["role"]:
             memberships = memberships.filter(role=filters.cleaned_data["role"])
     page = Paginator(memberships, MEMBERS_PAGE_SIZE).get_page(request.GET.get("page"))
@@ -139,11 +148,31 @@ def member_remove(request, tenant, membership_id):
         confirm_label="Remove member", cancel_url=reverse("tenant_members", args=[tenant.slug])))
 
 
+@tenant_page
+def member_leave(request, tenant):
+    """The signed-in user leaves the tenant (any member, except its last owner), after confirming."""
+    if request.method == "POST":
+        try:
+            tenant_member_leave(acting_user=request.user, tenant=tenant)
+        except NimbusError as exc:
+            messages.error(request, exc.message)
+            return redirect("tenant_members", tenant=tenant.slug)
+        messages.success(request, f"You left {tenant.slug}; your API tokens for it are revoked.")
+        return redirect("home")
+    return render(request, "confirm.html", tenant_context(
+        request.user, tenant, "members",
+        title=f"Leave {tenant.slug}?",
+        body=f"You lose access to every function of {tenant.slug} at once, and your API tokens for it are "
+             "revoked. An admin of the tenant can add you again.",
+        confirm_label="Leave tenant", cancel_url=reverse("tenant_members", args=[tenant.slug])))
+
+
 # ---- API tokens ----------------------------------------------------------------------------
 
 @tenant_page
 def tokens(request, tenant):
-    form = TokenCreateForm(request.POST or None)
+    allowed = token_scopes_allowed(user_role(request.user, tenant), superuser=request.user.is_superuser)
+    form = TokenCreateForm(request.POST or None, allowed_scopes=allowed)
     new_token = None
     if request.method == "POST" and form.is_valid():
         try:
@@ -154,7 +183,7 @@ def tokens(request, tenant):
         else:
             # Shown in this response only: the plaintext is never stored, so no redirect.
             new_token = {"token": token, "plaintext": plaintext}
-            form = TokenCreateForm()
+            form = TokenCreateForm(allowed_scopes=allowed)
     token_list = tokens_for_user(request.user, tenant)
     show_revoked = request.GET.get("revoked") == "1"
     if not show_revoked:

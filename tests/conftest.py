@@ -58,6 +58,15 @@ def function(tenant, members):
     return function_create(acting_user=members["developer"], tenant=tenant, name="hello", starter="hello")
 
 
+def pytest_unconfigure(config):
+    """Remove the data folder tests/settings.py made for this run (databases, revisions, keys), so a
+    run leaves nothing in /tmp; a folder given in NIMBUS_DATA_DIR is the caller's and stays."""
+    import shutil
+
+    if os.environ.get("NIMBUS_TEST_DATA_DIR_OWNER") == str(os.getpid()):
+        shutil.rmtree(os.environ["NIMBUS_DATA_DIR"], ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
 def _no_leftover_local_engine():
     """A test that reached the real local engine through get_engine() leaves no instances behind."""

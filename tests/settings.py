@@ -7,7 +7,10 @@ import tempfile
 os.environ.setdefault("NIMBUS_TESTING", "1")
 # One random key for the run, inherited by the portal and worker processes that tests start.
 os.environ.setdefault("SECRET_KEY", "test-" + secrets.token_urlsafe(40))
-os.environ.setdefault("NIMBUS_DATA_DIR", tempfile.mkdtemp(prefix="nimbus-test-"))
+if "NIMBUS_DATA_DIR" not in os.environ:
+    os.environ["NIMBUS_DATA_DIR"] = tempfile.mkdtemp(prefix="nimbus-test-")
+    # The run that made it removes it when it ends (tests/conftest.py); processes it starts inherit it.
+    os.environ["NIMBUS_TEST_DATA_DIR_OWNER"] = str(os.getpid())
 # The tenants' sandbox uids reach their code through this folder (searchable, not listable).
 os.makedirs(os.environ["NIMBUS_DATA_DIR"], exist_ok=True)
 os.chmod(os.environ["NIMBUS_DATA_DIR"], 0o711)

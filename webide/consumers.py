@@ -3,6 +3,8 @@ function services and the function's events (deploy progress, saves, presence) b
 
 Client → server: ``{"action": "<name>", "id": <request id>, ...}``. Every answer carries
 ``reply_to`` with that id; refusals are one ``{"type": "error", "code", "detail", ...}`` shape.
+When the user's access to the tenant is taken away or narrowed (removed, downgraded, deactivated),
+the server sends ``{"type": "closing", "code": "access_revoked", "detail"}`` and closes with 4403.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from urllib.parse import parse_qs
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db import connection
 
 from functions import services as function_services
@@ -29,15 +32,19 @@ from functions.selectors import (
 )
 from functions.starters import starters_for
 from functions.test_invoke import test_signature
-from portal.errors import NimbusError, NotFound, StaleVersion, ValidationFailed
+from portal.errors import NimbusError, NotFound, PermissionDenied, StaleVersion, ValidationFailed
+from tenancy.revocation import member_group
 from webide import selectors as ide_selectors
 from webide import services as ide_services
 from webide.presence import Presence
 
 log = logging.getLogger(__name__)
 
-# Close codes (4000-4999 are the application's): like HTTP 401 and 404.
+# Close codes (4000-4999 are the application's): like HTTP 401, 403 and 404. 4403: the user's access
+# to the tenant was taken away or narrowed while the editor was open (removed, downgraded,
+# deactivated); the client says why and offers to reload.
 CLOSE_UNAUTHENTICATED = 4401
+CLOSE_ACCESS_REVOKED = 4403
 CLOSE_NOT_FOUND = 4404
 LOG_POLL_SECONDS = 1.0
 
@@ -59,6 +66,7 @@ class IdeConsumer(AsyncJsonWebsocketConsumer):
     """ws/ide/<tenant>/<function>/ — thin: selectors in connect, services for every action."""
 
     function_id: int | None = None
+    member_group: str | None = None
     presence: Presence | None = None
     tail_task: asyncio.Task | None = None
     heartbeat_task: asyncio.Task | None = None
@@ -80,6 +88,8 @@ class IdeConsumer(AsyncJsonWebsocketConsumer):
         self.user = user
         self.function_id = function.pk
         self.group = function_group(function.pk)
+        # Where tenancy.services tell this user's sockets in the tenant that their access changed.
+        self.member_group = member_group(function.tenant_id, user.pk)
         self.own_versions: set[int] = set()
         self.deploy_tasks: set[asyncio.Task] = set()
         self.log_filter = {"text": "", "level": ""}
@@ -88,6 +98,7 @@ class IdeConsumer(AsyncJsonWebsocketConsumer):
         # ?presence=0: a watcher (the function page's live log tail), not an editor — it neither
         # appears in nor follows the "who else is here" list.
         self.listed = parse_qs(self.scope.get("query_string", b"").decode("latin-1")).get("presence") != ["0"]
+        await self.channel_layer.group_add(self.member_group, self.channel_name)
         await self.channel_layer.group_add(self.group, self.channel_name)
         await self.accept()
         if self.listed:
@@ -105,8 +116,18 @@ class IdeConsumer(AsyncJsonWebsocketConsumer):
         if self.listed:
             await self.channel_layer.group_send(self.group, {"type": "presence.leave", "channel": self.channel_name})
         await self.channel_layer.group_discard(self.group, self.channel_name)
+        await self.channel_layer.group_discard(self.member_group, self.channel_name)
 
     # ---- group messages -------------------------------------------------------------------------
+
+    async def access_revoked(self, message):
+        """The user was removed from the tenant, downgraded or deactivated: say why and close, so the
+        editor neither acts nor hears the function's saves and deploys with access it no longer has."""
+        await self.channel_layer.group_discard(self.group, self.channel_name)
+        await self.send_json({"type": "closing", "code": "access_revoked",
+                              "detail": f"This editor was closed: {message.get('reason', 'your access changed')}. "
+                                        "Reload to continue with the access you have now."})
+        await self.close(code=CLOSE_ACCESS_REVOKED)
 
     async def function_event(self, message):
         event = dict(message["event"])
@@ -227,8 +248,14 @@ class IdeConsumer(AsyncJsonWebsocketConsumer):
     # The act_* methods run in a worker thread (database_sync_to_async) and return replies.
 
     def function(self, action: str = "view"):
-        # Resolve again on every request: access can be withdrawn while the editor is open.
-        return function_by_id_for_user(self.user, self.function_id, action)
+        # Resolve again on every request: access can be withdrawn while the editor is open. The account
+        # too is read again, not taken from the scope as it was at connect: one turned off since (in the
+        # admin, by a script) acts no more, whether or not its close message arrived.
+        user = get_user_model().objects.filter(pk=self.user.pk, is_active=True).first()
+        if user is None:
+            raise PermissionDenied("Your account was deactivated; this editor can do nothing more.")
+        self.user = user
+        return function_by_id_for_user(user, self.function_id, action)
 
     def act_ping(self, content):
         return [{"type": "pong"}]
@@ -332,7 +359,8 @@ class IdeConsumer(AsyncJsonWebsocketConsumer):
         try:
             return self.act_deploy(content)
         finally:
-            # Pool threads come and go; do not leave their database connections behind.
+            # Pool threads come and go; do not leave their database connections behind. (While the
+            # engine builds, the deploy holds none either: run_deploy gives it back before that step.)
             connection.close()
 
     def act_deploy(self, content):

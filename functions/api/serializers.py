@@ -10,6 +10,7 @@ from rest_framework import serializers
 from functions.models import EnvVar, Function, Invocation, InvocationLog, Revision, Runtime, Secret, TrafficTarget
 from functions.selectors import ACTIONS
 from functions.starters import TITLES
+from portal.api.inputs import ClosedInputSerializer
 from tenancy.permissions import SHARE_LEVELS
 
 
@@ -62,8 +63,11 @@ class FunctionDetailSerializer(FunctionSerializer):
         return TrafficTargetSerializer(self.context.get("traffic", []), many=True).data
 
 
-class FunctionConfigSerializer(serializers.Serializer):
-    """Settings a PATCH may change; every field optional, unknown fields refused."""
+class FunctionConfigSerializer(ClosedInputSerializer):
+    """Settings a PATCH may change; every field optional, any other field refused by name."""
+
+    read_only_names = tuple(FunctionDetailSerializer.Meta.fields)
+    unknown_message = "Unknown setting."
 
     runtime = serializers.ChoiceField(choices=Runtime.choices, required=False)
     handler = serializers.CharField(max_length=100, required=False)
@@ -78,12 +82,6 @@ class FunctionConfigSerializer(serializers.Serializer):
     invoke_auth = serializers.ChoiceField(choices=Function.InvokeAuth.choices, required=False)
     allow_egress = serializers.BooleanField(required=False)
     debug = serializers.BooleanField(required=False)
-
-    def validate(self, attrs):
-        unknown = sorted(set(self.initial_data) - set(self.fields)) if isinstance(self.initial_data, dict) else []
-        if unknown:
-            raise serializers.ValidationError({name: ["Unknown setting."] for name in unknown})
-        return attrs
 
 
 

@@ -5,6 +5,7 @@ from rest_framework import serializers
 
 from functions.models import Delivery, RetryPolicy, Sequence, Trigger
 from functions.triggers import cron
+from portal.api.inputs import ClosedInputSerializer
 
 
 class FilterSerializer(serializers.Serializer):
@@ -41,14 +42,20 @@ class TriggerCreateSerializer(serializers.Serializer):
     filters = FilterSerializer(many=True, required=False, default=list)
 
 
-class TriggerUpdateSerializer(serializers.Serializer):
+class TriggerUpdateSerializer(ClosedInputSerializer):
+    """What a PATCH may change; a trigger's name and kind stay what they were made with."""
+
+    read_only_names = tuple(TriggerSerializer.Meta.fields)
+
     enabled = serializers.BooleanField(required=False)
     schedule = serializers.CharField(required=False, allow_blank=True)
     time_zone = serializers.CharField(required=False)
     filters = FilterSerializer(many=True, required=False)
 
 
-class RetryPolicySerializer(serializers.ModelSerializer):
+class RetryPolicySerializer(ClosedInputSerializer, serializers.ModelSerializer):
+    """Read and changed whole or in part (a PUT takes any subset of the fields); other fields are refused."""
+
     class Meta:
         model = RetryPolicy
         fields = ["max_attempts", "backoff_seconds", "backoff_max_seconds", "max_event_age_seconds", "callback_url"]
@@ -61,7 +68,9 @@ class RetryPolicySerializer(serializers.ModelSerializer):
 class DeliverySerializer(serializers.ModelSerializer):
     """A queued delivery (async call, cron run, event, sequence step) without its payloads."""
 
-    trigger = serializers.CharField(source="trigger.name", read_only=True, default=None)
+    trigger = serializers.CharField(source="trigger.name", read_only=True, default=None, allow_null=True)
+    # Not a URLField: an empty string (no callback) is not a URI, and the schema must allow what is shown.
+    callback_url = serializers.CharField(read_only=True, help_text="Where the result is POSTed; empty for none")
     # Plain strings: a second "state" enum beside the function's would collide in the OpenAPI schema.
     state = serializers.CharField(read_only=True, help_text="pending, running, succeeded, dead or discarded")
     source = serializers.CharField(read_only=True, help_text="async, cron, event or sequence")

@@ -7,16 +7,17 @@ functions.selectors (another tenant's function is 404) and writes through functi
 """
 
 import django_filters
-from django_filters.rest_framework import DjangoFilterBackend
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema
-from rest_framework import filters, generics, status
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema
+from rest_framework import generics, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from functions import selectors, services
 from functions.api import serializers as s
 from functions.models import Function, Invocation, Revision
+from portal.api.filters import FILTER_BACKENDS, IntegerFilter
+from portal.api.inputs import valid_body
 from portal.api.permissions import SCOPE_DEPLOY
 from portal.errors import NotFound
 from tenancy.permissions import SHARE_LEVELS
@@ -25,12 +26,6 @@ from tenancy.selectors import tenant_for_user
 
 def function_or_404(request, tenant_slug: str, function_name: str):
     return selectors.function_for_user(request.user, tenant_slug, function_name)
-
-
-def _valid(serializer_class, data, **kwargs):
-    serializer = serializer_class(data=data, **kwargs)
-    serializer.is_valid(raise_exception=True)
-    return serializer.validated_data
 
 
 def function_detail(request, function) -> dict:
@@ -47,6 +42,7 @@ def function_detail(request, function) -> dict:
 class FunctionListView(generics.ListAPIView):
     queryset = Function.objects.none()  # what the schema generator sees
     serializer_class = s.FunctionSerializer
+    filter_backends = FILTER_BACKENDS
     filterset_fields = ["state", "runtime"]
     search_fields = ["name", "description"]
     ordering_fields = ["name", "created_at", "updated_at", "state", "runtime"]
@@ -69,7 +65,7 @@ class FunctionListView(generics.ListAPIView):
                    responses={201: s.FunctionDetailSerializer})
     def post(self, request, tenant_slug):
         tenant = tenant_for_user(request.user, tenant_slug)
-        data = dict(_valid(s.FunctionCreateSerializer, request.data))
+        data = dict(valid_body(s.FunctionCreateSerializer, request.data))
         function = services.function_create(acting_user=request.user, tenant=tenant, **data)
         function = function_or_404(request, tenant_slug, function.name)
         return Response(function_detail(request, function), status=status.HTTP_201_CREATED)
@@ -85,7 +81,7 @@ class FunctionDetailView(APIView):
                    request=s.FunctionConfigSerializer, responses=s.FunctionDetailSerializer)
     def patch(self, request, tenant_slug, function_name):
         function = function_or_404(request, tenant_slug, function_name)
-        data = _valid(s.FunctionConfigSerializer, request.data)
+        data = valid_body(s.FunctionConfigSerializer, request.data)
         services.function_update(acting_user=request.user, function=function, **data)
         return Response(function_detail(request, function_or_404(request, tenant_slug, function_name)))
 
@@ -116,7 +112,7 @@ class FileListView(APIView):
                    request=s.SourceReplaceSerializer, responses=s.SourceTreeSerializer)
     def put(self, request, tenant_slug, function_name):
         function = function_or_404(request, tenant_slug, function_name)
-        data = _valid(s.SourceReplaceSerializer, request.data)
+        data = valid_body(s.SourceReplaceSerializer, request.data)
         services.function_source_replace(acting_user=request.user, function=function, files=data["files"],
                                          base_version=data["base_version"])
         return Response(_source_tree(function_or_404(request, tenant_slug, function_name)))
@@ -134,16 +130,18 @@ class FileDetailView(APIView):
                    responses=s.SourceVersionSerializer)
     def put(self, request, tenant_slug, function_name, path):
         function = function_or_404(request, tenant_slug, function_name)
-        data = _valid(s.FileSaveSerializer, request.data)
+        data = valid_body(s.FileSaveSerializer, request.data)
         version = services.function_file_save(acting_user=request.user, function=function, path=path,
                                               content=data["content"], base_version=data["base_version"])
         return Response({"path": path, "version": version})
 
-    @extend_schema(summary="Delete one file", request=None, responses=s.SourceVersionSerializer,
+    @extend_schema(summary="Delete one file", request=None, responses={200: s.SourceVersionSerializer},
                    parameters=[OpenApiParameter("base_version", OpenApiTypes.INT, required=True)])
     def delete(self, request, tenant_slug, function_name, path):
         function = function_or_404(request, tenant_slug, function_name)
-        data = _valid(s.BaseVersionSerializer, request.query_params)
+        query = s.BaseVersionSerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        data = query.validated_data
         version = services.function_file_delete(acting_user=request.user, function=function, path=path,
                                                 base_version=data["base_version"])
         return Response({"path": path, "version": version})
@@ -152,7 +150,7 @@ class FileDetailView(APIView):
                    responses=s.SourceVersionSerializer)
     def post(self, request, tenant_slug, function_name, path):
         function = function_or_404(request, tenant_slug, function_name)
-        data = _valid(s.FileRenameSerializer, request.data)
+        data = valid_body(s.FileRenameSerializer, request.data)
         version = services.function_file_rename(acting_user=request.user, function=function, path=path,
                                                 new_path=data["new_path"], base_version=data["base_version"])
         return Response({"path": data["new_path"], "version": version})
@@ -163,6 +161,7 @@ class FileDetailView(APIView):
 class RevisionListView(generics.ListAPIView):
     queryset = Revision.objects.none()  # what the schema generator sees
     serializer_class = s.RevisionSerializer
+    filter_backends = FILTER_BACKENDS
     filterset_fields = ["status"]
     search_fields = ["message"]
     ordering_fields = ["number", "created_at"]
@@ -194,7 +193,7 @@ class DeployView(APIView):
                    request=s.DeploySerializer, responses={202: s.RevisionSerializer})
     def post(self, request, tenant_slug, function_name):
         function = function_or_404(request, tenant_slug, function_name)
-        data = _valid(s.DeploySerializer, request.data)
+        data = valid_body(s.DeploySerializer, request.data)
         revision = services.function_deploy(acting_user=request.user, function=function, message=data["message"],
                                             promote=data["promote"])
         return Response(s.RevisionSerializer(revision).data, status=status.HTTP_202_ACCEPTED)
@@ -207,7 +206,7 @@ class RollbackView(APIView):
                    responses=s.FunctionDetailSerializer)
     def post(self, request, tenant_slug, function_name):
         function = function_or_404(request, tenant_slug, function_name)
-        data = _valid(s.RollbackSerializer, request.data)
+        data = valid_body(s.RollbackSerializer, request.data)
         services.revision_rollback(acting_user=request.user, function=function, number=data["revision"])
         return Response(function_detail(request, function_or_404(request, tenant_slug, function_name)))
 
@@ -224,7 +223,7 @@ class TrafficView(APIView):
                    request=s.TrafficInputSerializer(many=True), responses=s.TrafficTargetSerializer(many=True))
     def put(self, request, tenant_slug, function_name):
         function = function_or_404(request, tenant_slug, function_name)
-        targets = _valid(s.TrafficInputSerializer, request.data, many=True)
+        targets = valid_body(s.TrafficInputSerializer, request.data, many=True)
         services.function_traffic_set(acting_user=request.user, function=function,
                                       targets=[dict(target) for target in targets])
         return Response(s.TrafficTargetSerializer(selectors.traffic_for_function(function), many=True).data)
@@ -263,7 +262,7 @@ class EnvListView(APIView):
                    responses=s.EnvVarSerializer)
     def put(self, request, tenant_slug, function_name):
         function = function_or_404(request, tenant_slug, function_name)
-        data = _valid(s.EnvVarInputSerializer, request.data)
+        data = valid_body(s.EnvVarInputSerializer, request.data)
         env = services.function_env_set(acting_user=request.user, function=function, name=data["name"],
                                         value=data["value"])
         return Response(s.EnvVarSerializer(env).data)
@@ -288,7 +287,7 @@ class SecretListView(APIView):
                    responses=s.SecretSerializer)
     def put(self, request, tenant_slug, function_name):
         function = function_or_404(request, tenant_slug, function_name)
-        data = _valid(s.SecretInputSerializer, request.data)
+        data = valid_body(s.SecretInputSerializer, request.data)
         secret = services.function_secret_set(acting_user=request.user, function=function, name=data["name"],
                                               value=data["value"])
         return Response(s.SecretSerializer(secret).data)
@@ -324,10 +323,11 @@ class GrantListView(APIView):
         return Response(_grants(function_or_404(request, tenant_slug, function_name)))
 
     @extend_schema(summary="Share the function with one user at a level: view, edit or deploy",
-                   request=s.GrantInputSerializer, responses=s.GrantSerializer)
+                   request=s.GrantInputSerializer, responses=s.GrantSerializer, examples=[OpenApiExample(
+                       "Edit", request_only=True, value={"username": "friend", "level": "edit"})])
     def put(self, request, tenant_slug, function_name):
         function = function_or_404(request, tenant_slug, function_name)
-        data = _valid(s.GrantInputSerializer, request.data)
+        data = valid_body(s.GrantInputSerializer, request.data)
         services.function_share(acting_user=request.user, function=function, username=data["username"],
                                 level=data["level"])
         grant = next(g for g in _grants(function) if g["username"] == data["username"])
@@ -348,8 +348,7 @@ class GrantDetailView(APIView):
 
 class InvocationFilter(django_filters.FilterSet):
     status = django_filters.ChoiceFilter(choices=Invocation.Status.choices)
-    revision = django_filters.NumberFilter(field_name="revision__number",
-                                           help_text="Only invocations served by this revision number")
+    revision = IntegerFilter(field_name="revision__number", help_text="Only invocations served by this revision number")
 
     class Meta:
         model = Invocation
@@ -360,7 +359,7 @@ class InvocationListView(generics.ListAPIView):
     queryset = Invocation.objects.none()  # what the schema generator sees
     serializer_class = s.InvocationSerializer
     filterset_class = InvocationFilter
-    filter_backends = [DjangoFilterBackend, filters.OrderingFilter]
+    filter_backends = FILTER_BACKENDS
     ordering_fields = ["started_at", "duration_ms"]
     ordering = ["-started_at"]
 

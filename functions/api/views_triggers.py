@@ -6,7 +6,7 @@ import json
 
 from django.urls import reverse
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema
 from rest_framework import generics, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -16,15 +16,10 @@ from functions.api import serializers_triggers as s
 from functions.api.views import function_or_404
 from functions.models import Delivery
 from functions.triggers.worker import result_document
+from portal.api.filters import FILTER_BACKENDS
+from portal.api.inputs import query_choice, valid_body
 from portal.api.permissions import SCOPE_DEPLOY
-from portal.errors import ValidationFailed
 from tenancy.selectors import tenant_for_user
-
-
-def _valid(serializer_class, data, **kwargs):
-    serializer = serializer_class(data=data, **kwargs)
-    serializer.is_valid(raise_exception=True)
-    return serializer.validated_data
 
 
 # ---- triggers -------------------------------------------------------------------------------------------
@@ -37,10 +32,16 @@ class TriggerListView(APIView):
         return Response(s.TriggerSerializer(selectors.triggers_for_function(function), many=True).data)
 
     @extend_schema(summary="Add a cron or event trigger", request=s.TriggerCreateSerializer,
-                   responses={201: s.TriggerSerializer})
+                   responses={201: s.TriggerSerializer}, examples=[
+                       OpenApiExample("Cron", request_only=True, value={
+                           "name": "weekday-report", "kind": "cron", "schedule": "0 3 * * 1-5",
+                           "time_zone": "Europe/Berlin"}),
+                       OpenApiExample("Event", request_only=True, value={
+                           "name": "on-order", "kind": "event",
+                           "filters": [{"attribute": "type", "value": "order.", "match": "prefix"}]})])
     def post(self, request, tenant_slug, function_name):
         function = function_or_404(request, tenant_slug, function_name)
-        data = _valid(s.TriggerCreateSerializer, request.data)
+        data = valid_body(s.TriggerCreateSerializer, request.data)
         trigger = services.trigger_create(acting_user=request.user, function=function,
                                           filters=[dict(f) for f in data.pop("filters")], **data)
         return Response(s.TriggerSerializer(trigger).data, status=status.HTTP_201_CREATED)
@@ -57,7 +58,7 @@ class TriggerDetailView(APIView):
     def patch(self, request, tenant_slug, function_name, trigger_name):
         function = function_or_404(request, tenant_slug, function_name)
         trigger = selectors.trigger_for_function(function, trigger_name)
-        data = dict(_valid(s.TriggerUpdateSerializer, request.data))
+        data = dict(valid_body(s.TriggerUpdateSerializer, request.data))
         if "filters" in data:
             data["filters"] = [dict(f) for f in data["filters"]]
         trigger = services.trigger_update(acting_user=request.user, trigger=trigger, **data)
@@ -84,7 +85,7 @@ class RetryPolicyView(APIView):
                    responses=s.RetryPolicySerializer)
     def put(self, request, tenant_slug, function_name):
         function = function_or_404(request, tenant_slug, function_name)
-        data = _valid(s.RetryPolicySerializer, request.data, partial=True)
+        data = valid_body(s.RetryPolicySerializer, request.data, partial=True)
         policy = services.retry_policy_set(acting_user=request.user, function=function, **data)
         return Response(s.RetryPolicySerializer(policy).data)
 
@@ -94,14 +95,16 @@ class RetryPolicyView(APIView):
 class DeliveryListView(generics.ListAPIView):
     queryset = Delivery.objects.none()
     serializer_class = s.DeliverySerializer
+    filter_backends = FILTER_BACKENDS  # ordering, as on every list; the state is read below
+
+    def delivery_state(self) -> str | None:
+        return query_choice(self.request, "state", Delivery.State.values)
 
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):
             return self.queryset
         function = function_or_404(self.request, self.kwargs["tenant_slug"], self.kwargs["function_name"])
-        state = self.request.query_params.get("state") or self.kwargs.get("state")
-        if state and state not in Delivery.State.values:
-            raise ValidationFailed(f"State '{state}': use one of {', '.join(Delivery.State.values)}.", field="state")
+        state = self.delivery_state()
         return selectors.deliveries_for_function(function, state=state).select_related("trigger")
 
     @extend_schema(summary="Queued and finished deliveries (async calls, cron runs, events), newest first",
@@ -111,9 +114,11 @@ class DeliveryListView(generics.ListAPIView):
 
 
 class DeadLetterListView(DeliveryListView):
+    def delivery_state(self) -> str:
+        return Delivery.State.DEAD  # whatever ?state= says: this list is the dead letters
+
     @extend_schema(summary="Deliveries that failed after their retries (dead letters)")
     def get(self, request, *args, **kwargs):
-        self.kwargs["state"] = Delivery.State.DEAD
         return super().get(request, *args, **kwargs)
 
 
@@ -166,10 +171,12 @@ class SequenceListView(APIView):
         return Response(s.SequenceSerializer(selectors.sequences_for_tenant(request.user, tenant), many=True).data)
 
     @extend_schema(summary="Create a sequence of functions", request=s.SequenceCreateSerializer,
-                   responses={201: s.SequenceSerializer})
+                   responses={201: s.SequenceSerializer}, examples=[OpenApiExample(
+                       "Two steps", request_only=True,
+                       value={"name": "checkout", "description": "Validate, then charge", "functions": ["hello", "world"]})])
     def post(self, request, tenant_slug):
         tenant = tenant_for_user(request.user, tenant_slug)
-        data = _valid(s.SequenceCreateSerializer, request.data)
+        data = valid_body(s.SequenceCreateSerializer, request.data)
         sequence = services.sequence_create(acting_user=request.user, tenant=tenant, **data)
         sequence = selectors.sequence_for_tenant(request.user, tenant, sequence.name)
         return Response(s.SequenceSerializer(sequence).data, status=status.HTTP_201_CREATED)
@@ -197,7 +204,7 @@ class SequenceStartView(APIView):
     def post(self, request, tenant_slug, sequence_name):
         tenant = tenant_for_user(request.user, tenant_slug)
         sequence = selectors.sequence_for_tenant(request.user, tenant, sequence_name)
-        data = _valid(s.SequenceStartSerializer, request.data)
+        data = valid_body(s.SequenceStartSerializer, request.data)
         body = json.dumps(data["input"]).encode() if data["input"] is not None else b""
         delivery = services.sequence_start(acting_user=request.user, sequence=sequence, body=body,
                                            callback_url=data["callback_url"])

@@ -3,14 +3,13 @@ authenticated with an API token of that tenant that has the ``publish`` scope.""
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.http import JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
-from portal.errors import NimbusError
+from portal.errors import BodyTooLarge, NimbusError
 from tenancy.models import Tenant
-
-MAX_BODY_BYTES = 6 * 1024 * 1024
 
 
 def _problem(status: int, code: str, detail: str, **extra) -> JsonResponse:
@@ -36,9 +35,15 @@ def events_ingress(request, tenant: str):
     if token.tenant.slug != tenant or token.tenant.status != Tenant.Status.ACTIVE:
         return _problem(404, "not_found", "Tenant not found.")  # another tenant's token learns nothing
     if not token.has_scope("publish"):
-        return _problem(403, "permission_denied", "The API token lacks the publish scope.")
-    if len(request.body) > MAX_BODY_BYTES:
-        return _problem(413, "too_large", f"The body exceeds {MAX_BODY_BYTES:,} bytes.")
+        # The token's scopes are already narrowed to its user's current role: publishing takes a
+        # developer or above (tenancy.permissions.ROLE_TOKEN_SCOPES).
+        return _problem(403, "permission_denied", "The API token lacks the publish scope, or its user's role "
+                                                  "does not allow publishing (developers and above publish).")
+    # A declared length over the limit was refused before (portal.middleware.BodyLimitMiddleware); a
+    # chunked body is only known once read.
+    if len(request.body) > settings.NIMBUS_MAX_BODY_BYTES:
+        too_large = BodyTooLarge(settings.NIMBUS_MAX_BODY_BYTES)
+        return JsonResponse(too_large.as_dict(), status=too_large.http_status)
     headers = {name.lower(): value for name, value in request.headers.items()}
     try:
         fanouts = events_publish(token=token, tenant=token.tenant, request_headers=headers, body=request.body)

@@ -96,6 +96,17 @@ def renew(worker_id: str, held: list[tuple[uuid.UUID, int]], *, lease_seconds: f
     return renewed
 
 
+def release(worker_id: str, held: list[tuple[uuid.UUID, int]]) -> int:
+    """Hand back deliveries this worker claimed but stops before settling: due again at once for any
+    worker, with the attempt they used counted (the handler may have run)."""
+    now = timezone.now()
+    released = 0
+    for delivery_id, attempt in held:
+        released += Delivery.objects.filter(pk=delivery_id, attempts=attempt, leased_by=worker_id,
+                                            state=Delivery.State.RUNNING).update(lease_until=now)
+    return released
+
+
 def _owned(delivery: Delivery, worker_id: str):
     return Delivery.objects.filter(pk=delivery.pk, attempts=delivery.attempts, leased_by=worker_id,
                                    state=Delivery.State.RUNNING)

@@ -12,8 +12,11 @@ the portal process (``start_in_process``, from the ASGI entry point) and as
 from __future__ import annotations
 
 import asyncio
+import atexit
 import base64
 import concurrent.futures
+import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -36,6 +39,15 @@ log = logging.getLogger(__name__)
 CALLBACK_TIMEOUT = 5.0  # resolving, connecting, sending and reading the answer, together
 DB_RETRIES = 5
 POLICY_TTL = 2.0
+# Seconds the deliveries in flight get to finish when a worker stops; the rest go back to the queue
+# at once (their handlers may have run: delivery is at least once). A portal stops within seconds
+# of SIGTERM, so its own worker waits less than a separate ``nimbus_worker`` process does.
+STOP_GRACE = 30.0
+IN_PROCESS_STOP_GRACE = 1.0
+
+
+class WorkerStopped(Exception):
+    """The worker's database thread is gone (the interpreter is exiting): nothing more to do."""
 
 
 def result_document(delivery: Delivery) -> dict:
@@ -82,12 +94,14 @@ def callback_record(delivery_id, result: outbound.OutboundResult) -> str:
 
 class Worker:
     def __init__(self, *, worker_id: str | None = None, concurrency: int = 8, poll_seconds: float = 0.25,
-                 lease_seconds: float = queue.DEFAULT_LEASE_SECONDS, cron_enabled: bool = True, engine=None):
+                 lease_seconds: float = queue.DEFAULT_LEASE_SECONDS, cron_enabled: bool = True, engine=None,
+                 stop_grace: float = STOP_GRACE):
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.concurrency = max(1, concurrency)
         self.poll_seconds = poll_seconds
         self.lease_seconds = lease_seconds
         self.cron_enabled = cron_enabled
+        self.stop_grace = max(0.0, stop_grace)
         self._engine = engine
         self.held: dict[uuid.UUID, int] = {}  # delivery id → attempt, while invoking
         self.policies: dict[int, tuple[float, queue.Policy]] = {}
@@ -135,17 +149,35 @@ class Worker:
     async def _db(self, fn, *args, **kwargs):
         def call():
             close_old_connections()
-            for attempt in range(DB_RETRIES):
-                try:
-                    return fn(*args, **kwargs)
-                except OperationalError as exc:
-                    # SQLite answers "database is locked" to a writer that waited too long; every
-                    # queue write is conditional on the attempt it settles, so trying again is safe.
-                    if "locked" not in str(exc) or attempt == DB_RETRIES - 1:
-                        raise
-                    time.sleep(0.05 * (attempt + 1))
+            try:
+                for attempt in range(DB_RETRIES):
+                    try:
+                        return fn(*args, **kwargs)
+                    except OperationalError as exc:
+                        # SQLite answers "database is locked" to a writer that waited too long; every
+                        # queue write is conditional on the attempt it settles, so trying again is safe.
+                        if "locked" not in str(exc) or attempt == DB_RETRIES - 1:
+                            raise
+                        time.sleep(0.05 * (attempt + 1))
+            finally:
+                # Back to the pool after every call: the worker idles between polls, and a connection
+                # kept here would be one less for the requests.
+                connections.close_all()
 
-        return await asyncio.get_running_loop().run_in_executor(self.db, call)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.db, call)
+        except RuntimeError as exc:
+            if "cannot schedule new futures" not in str(exc):
+                raise
+            self.stopping.set()  # the interpreter is exiting and took the thread pool with it
+            raise WorkerStopped() from None
+
+    def _trouble(self, message: str, *args) -> None:
+        """Log a failed step with its traceback, unless the worker is stopping (then it is expected)."""
+        if self.stopping.is_set():
+            log.debug(message, *args, exc_info=True)
+        else:
+            log.exception(message, *args)
 
     async def _main(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -160,7 +192,7 @@ class Worker:
                     try:
                         await self._db(cron.fire_due)
                     except Exception:  # noqa: BLE001 - the database may be briefly unavailable
-                        log.exception("firing cron triggers failed")
+                        self._trouble("firing cron triggers failed")
                 free = self.concurrency - len(running)
                 claimed = []
                 if free > 0:
@@ -168,7 +200,7 @@ class Worker:
                         claimed = await self._db(queue.claim, self.worker_id, limit=free,
                                                  lease_seconds=self.lease_seconds)
                     except Exception:  # noqa: BLE001 - try again on the next round
-                        log.exception("claiming deliveries failed")
+                        self._trouble("claiming deliveries failed")
                 for delivery in claimed:
                     self.held[delivery.pk] = delivery.attempts
                     task = asyncio.create_task(self._process(delivery))
@@ -180,14 +212,36 @@ class Worker:
                 waiters = [asyncio.create_task(self.wakeup.wait())] + list(running)
                 await asyncio.wait(waiters, timeout=self.poll_seconds, return_when=asyncio.FIRST_COMPLETED)
                 waiters[0].cancel()
-            if running:
-                await asyncio.wait(running, timeout=30)
+            await self._wind_down(running)
         finally:
             renewer.cancel()
             puller.cancel()
-            self.db.submit(connections.close_all).result(timeout=5)
+            with contextlib.suppress(RuntimeError, concurrent.futures.TimeoutError):
+                self.db.submit(connections.close_all).result(timeout=5)
             self.db.shutdown(wait=False)
             self.loop = None
+
+    async def _wind_down(self, running: set[asyncio.Task]) -> None:
+        """Let the deliveries in flight finish within the grace, then stop the others and hand their
+        leases back so another worker (or this one, restarted) takes them at once, not a lease later."""
+        if running and self.stop_grace:
+            await asyncio.wait(set(running), timeout=self.stop_grace)
+        if not running:
+            return
+        abandoned = list(self.held.items())
+        for task in list(running):
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        if abandoned:
+            try:
+                released = await self._db(queue.release, self.worker_id, abandoned)
+            except WorkerStopped:
+                pass  # no database thread left: their leases lapse
+            except Exception:  # noqa: BLE001 - their leases lapse instead
+                log.warning("handing back %d deliveries failed; their leases lapse instead", len(abandoned),
+                            exc_info=True)
+            else:
+                log.info("stopping: %d deliveries in flight handed back to the queue", released)
 
     async def _renew_leases(self) -> None:
         while True:
@@ -197,7 +251,8 @@ class Worker:
                     await self._db(queue.renew, self.worker_id, list(self.held.items()),
                                    lease_seconds=self.lease_seconds)
                 except Exception:  # noqa: BLE001 - renewed on the next round, or the lease lapses
-                    log.warning("renewing leases failed", exc_info=True)
+                    if not self.stopping.is_set():
+                        log.warning("renewing leases failed", exc_info=True)
 
     async def _pull_logs(self) -> None:
         """Every ``log_pull_seconds``, bring in the function log lines of an engine that does not
@@ -223,7 +278,7 @@ class Worker:
                 except asyncio.CancelledError:
                     raise
                 except Exception:  # noqa: BLE001 - the next pass tries again
-                    log.exception("pulling function logs failed")
+                    self._trouble("pulling function logs failed")
                 await asyncio.sleep(interval)
         finally:
             executor.shutdown(wait=False)
@@ -233,11 +288,12 @@ class Worker:
     async def _process(self, delivery: Delivery) -> None:
         try:
             await self._deliver(delivery)
+            self.processed += 1
         except Exception:  # noqa: BLE001 - the lease lapses and another attempt follows
-            log.exception("delivering %s failed", delivery.pk)
+            self._trouble("delivering %s failed", delivery.pk)
+            self.processed += 1
         finally:
             self.held.pop(delivery.pk, None)
-            self.processed += 1
 
     async def _policy(self, function_id: int) -> queue.Policy:
         """The function's retry policy, re-read at most every POLICY_TTL seconds."""
@@ -263,6 +319,8 @@ class Worker:
         result = await self.engine.invoke(tenant=function.tenant.slug, name=function.name, tag=delivery.tag,
                                           method=delivery.method, path=delivery.path, headers=headers,
                                           body=bytes(delivery.body), trigger=delivery.source)
+        if result.invocation_id and not await self._db(self._record_stored, result.invocation_id):
+            result = dataclasses.replace(result, invocation_id="")
         if result.retryable:
             error = result.error or f"the function answered {result.status}"
             state = await self._db(queue.fail, delivery, self.worker_id, error=error, policy=policy,
@@ -274,6 +332,25 @@ class Worker:
         final = await self._db(self._succeed, delivery, result)
         if final:
             await self._after_final(delivery)
+
+    def _record_stored(self, invocation_id: str) -> bool:
+        """Store the invocation's record now, before the delivery names it: the engine's records writer
+        batches records in memory, and a delivery settled while its record waited there would name a
+        record that a crash (kill -9) loses. False when the record could not be stored (its function
+        was deleted meanwhile, or the database failed): the delivery then names none. It is settled
+        all the same, as the call went: the function ran, and a failure here must not run it again."""
+        persist = getattr(getattr(self.engine, "records", None), "persist", None)
+        if persist is None:
+            return True  # an engine that keeps no records batch of its own
+        try:
+            if persist(invocation_id):
+                return True
+        except Exception:  # noqa: BLE001 - the record is the writer's to store later; the delivery settles
+            log.warning("storing the record of invocation %s failed; its delivery will not name it", invocation_id,
+                        exc_info=True)
+            return False
+        log.warning("the record of invocation %s could not be stored; its delivery will not name it", invocation_id)
+        return False
 
     def _succeed(self, delivery: Delivery, result) -> bool:
         """Record success and, inside the same transaction, queue a sequence's next step. True when
@@ -330,8 +407,30 @@ def start_in_process(**options) -> Worker | None:
         return None
     with _in_process_lock:
         if _in_process is None:
+            options.setdefault("stop_grace", IN_PROCESS_STOP_GRACE)
             _in_process = Worker(worker_id=f"portal-{socket.gethostname()}-{os.getpid()}", **options).start()
+            _at_exit(stop_in_process)
     return _in_process
+
+
+def stop_in_process() -> None:
+    """Stop this process's worker: deliveries in flight get IN_PROCESS_STOP_GRACE, the rest go back
+    to the queue. Runs as the server exits (SIGTERM, SIGINT, end of the main thread)."""
+    worker = _in_process
+    if worker is not None:
+        worker.stop(timeout=worker.stop_grace + 3)
+
+
+def _at_exit(callback) -> None:
+    """Run ``callback`` as the interpreter exits, before concurrent.futures shuts its thread pools
+    down: threading's exit hooks run before atexit's, newest first, so this one runs while the
+    worker still has its database thread to settle and hand back what it holds. (A daemon thread
+    left running meets closed pools and fails on every step until the process is gone.)"""
+    register = getattr(threading, "_register_atexit", None)
+    try:
+        (register or atexit.register)(callback)
+    except RuntimeError:  # already exiting
+        atexit.register(callback)
 
 
 def notify() -> None:

@@ -13,6 +13,7 @@ from functions.models import InvocationLog
 from observability import selectors
 from observability.api import serializers as s
 from observability.forms import LogSearchForm
+from portal.api.inputs import OUT_OF_RANGE, in_utc, query_choice, query_positive_int, refuse_parameter
 from tenancy.selectors import tenant_for_user
 
 RANGE_PARAMETER = OpenApiParameter("range", OpenApiTypes.STR, enum=list(selectors.RANGES),
@@ -24,7 +25,8 @@ class FunctionMetricsView(APIView):
                    parameters=[RANGE_PARAMETER], responses=s.MetricsSerializer)
     def get(self, request, tenant_slug, function_name):
         function = function_for_user(request.user, tenant_slug, function_name)
-        return Response(s.MetricsSerializer(selectors.function_metrics(function, request.query_params.get("range"))).data)
+        metrics = selectors.function_metrics(function, query_choice(request, "range", list(selectors.RANGES)))
+        return Response(s.MetricsSerializer(metrics).data)
 
 
 class TenantMetricsView(APIView):
@@ -33,8 +35,11 @@ class TenantMetricsView(APIView):
     def get(self, request, tenant_slug):
         tenant = tenant_for_user(request.user, tenant_slug)
         visible = functions_for_user(request.user, tenant=tenant).values("pk")
-        data = selectors.tenant_metrics(tenant, request.query_params.get("range"), functions=visible)
+        data = selectors.tenant_metrics(tenant, query_choice(request, "range", list(selectors.RANGES)), functions=visible)
         return Response(s.TenantMetricsSerializer(data).data)
+
+
+TYPED_LOG_PARAMETERS = ("level", "revision", "invocation", "since", "until")
 
 
 class LogSearchView(generics.ListAPIView):
@@ -46,9 +51,19 @@ class LogSearchView(generics.ListAPIView):
         if getattr(self, "swagger_fake_view", False):
             return self.queryset
         function = function_for_user(self.request.user, self.kwargs["tenant_slug"], self.kwargs["function_name"])
+        for name in TYPED_LOG_PARAMETERS:
+            # The page's form sends empty fields for "any"; an API client leaves the parameter out.
+            if self.request.query_params.get(name, None) == "":
+                refuse_parameter(name, "An empty value is not a valid one: leave the parameter out instead.")
+        query_positive_int(self.request, "revision")  # the form's IntegerField would also take "1.0"
         form = LogSearchForm(self.request.query_params)
         if not form.is_valid():
-            raise ValidationError(form.errors.get_json_data())
+            raise ValidationError({name: list(messages) for name, messages in form.errors.items()})
+        for name in ("since", "until"):
+            if form.cleaned_data.get(name) is not None:
+                form.cleaned_data[name] = in_utc(form.cleaned_data[name])
+                if form.cleaned_data[name] is None:
+                    refuse_parameter(name, OUT_OF_RANGE)
         return selectors.logs_for_function(function, form.query())
 
     @extend_schema(summary="Search the function's log lines, newest first", parameters=[

@@ -1,12 +1,16 @@
 """The one place where refusals become JSON API responses.
 
 Every refusal has the same shape, so a client needs one error path:
-``{"code": "...", "detail": "a sentence for a human", "field": "...", "errors": {...}}``
-(``field`` and ``errors`` only where they apply, plus extras such as ``current_version`` on a
-stale save).
+``{"code": "...", "detail": "a sentence for a human", "field": "...", "errors": {"path": ["..."]}}``
+(``field`` and ``errors`` only where they apply, ``errors`` always flat by dotted input path, plus
+extras such as ``current_version`` on a stale save). portal/api/schema.py publishes the same shape.
 """
 
+from collections.abc import Mapping
+
+from django.conf import settings
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.core.exceptions import RequestDataTooBig
 from django.http import Http404, JsonResponse
 from django.urls import Resolver404, resolve
 from django.views.decorators.csrf import csrf_exempt
@@ -14,58 +18,56 @@ from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
-from portal.errors import NimbusError, ValidationFailed
+from portal.errors import BodyTooLarge, DatabaseBusy, NimbusError, ValidationFailed
 
 NON_FIELD_KEYS = ("non_field_errors", "__all__")
+NON_FIELD = "non_field_errors"
 
 
-def _plain(errors):
-    """DRF's ErrorDetail tree as plain strings, dicts and lists."""
-    if isinstance(errors, dict):
-        return {str(key): _plain(value) for key, value in errors.items()}
-    if isinstance(errors, list | tuple):
-        return [_plain(item) for item in errors]
-    return str(errors)
+def flat_errors(errors) -> dict[str, list[str]]:
+    """Every message of a validation error tree (DRF's, a form's, a service's) under the dotted
+    path of the input it is about: ``{"filters.0.value": ["This field is required."]}``, ``"0.percent"``
+    for an item of a list body, ``non_field_errors`` for the input as a whole. One level, always a
+    list of strings, whatever the nesting of the serializer: the shape the schema publishes."""
+    flat: dict[str, list[str]] = {}
 
+    def visit(node, path):
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                visit(value, path if str(key) in NON_FIELD_KEYS else (*path, str(key)))
+        elif isinstance(node, list | tuple):
+            for index, item in enumerate(node):
+                # A list of messages belongs to the field itself; a list of dicts is a list of items.
+                visit(item, (*path, str(index)) if isinstance(item, Mapping | list | tuple) else path)
+        elif node not in ("", None):
+            flat.setdefault(".".join(path) or NON_FIELD, []).append(str(node))
 
-def _first_error(errors, path=()):
-    """(dotted field path, first message) of a validation error tree, depth first."""
-    if isinstance(errors, dict):
-        for key, value in errors.items():
-            found = _first_error(value, (*path, str(key)))
-            if found:
-                return found
-        return None
-    if isinstance(errors, list):
-        for index, item in enumerate(errors):
-            # A list of messages belongs to the field itself; a list of dicts is a list of items.
-            found = _first_error(item, (*path, str(index)) if isinstance(item, dict | list) else path)
-            if found:
-                return found
-        return None
-    if errors in ("", None):
-        return None
-    return ".".join(p for p in path if p not in NON_FIELD_KEYS), str(errors)
+    visit(errors, ())
+    return flat
 
 
 def validation_body(errors) -> dict:
-    errors = _plain(errors)
-    if not isinstance(errors, dict):
-        errors = {"non_field_errors": errors if isinstance(errors, list) else [errors]}
-    field, message = _first_error(errors) or ("", "Invalid input.")
-    body = {"code": "invalid", "detail": f"{field}: {message}" if field else message, "errors": errors}
-    if field:
-        body["field"] = field
-    return body
+    errors = flat_errors(errors)
+    field, messages = next(iter(errors.items()), (NON_FIELD, ["Invalid input."]))
+    if field == NON_FIELD:
+        return {"code": "invalid", "detail": messages[0], "errors": errors or {NON_FIELD: messages}}
+    return {"code": "invalid", "detail": f"{field}: {messages[0]}", "field": field, "errors": errors}
 
 
 def exception_handler(exc, context):
+    if isinstance(exc, RequestDataTooBig):
+        exc = BodyTooLarge(settings.NIMBUS_MAX_BODY_BYTES)
+    elif not isinstance(exc, NimbusError) and DatabaseBusy.caused(exc):
+        exc = DatabaseBusy()
     if isinstance(exc, NimbusError):
         body = exc.as_dict()
         if isinstance(exc, ValidationFailed) and exc.errors and "errors" not in body:
             # Same shape as a serializer's refusal, so a form can put the message by its field.
             body["errors"] = exc.errors
-        return Response(body, status=exc.http_status)
+        if "errors" in body:
+            body["errors"] = flat_errors(body["errors"])
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+        return Response(body, status=exc.http_status, headers=headers)
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()
     elif isinstance(exc, DjangoPermissionDenied):

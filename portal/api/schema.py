@@ -27,8 +27,11 @@ class ErrorSerializer(serializers.Serializer):
                                            "not_found, conflict, stale_version, quota_exceeded, …")
     detail = serializers.CharField(help_text="A sentence for a human.")
     field = serializers.CharField(required=False, help_text="The input field at fault, when there is one.")
-    errors = serializers.DictField(child=serializers.ListField(child=serializers.CharField()), required=False,
-                                   help_text="Every field's messages, for validation errors.")
+    errors = serializers.DictField(
+        child=serializers.ListField(child=serializers.CharField()), required=False,
+        help_text="For validation errors: every message, by the dotted path of the input it is about "
+                  "(\"name\", \"filters.0.value\", \"0.percent\" for an item of a list body; \"non_field_errors\" "
+                  "for the input as a whole). Always this one flat level, however nested the input.")
     current_version = serializers.IntegerField(required=False, help_text="On stale_version: the draft's version now.")
 
 
@@ -38,11 +41,23 @@ ERRORS = {
     "403": "Visible but not allowed: role, missing token scope, quota, or CSRF.",
     "404": "No such object, or one of another tenant.",
     "409": "Conflict with the current state (duplicate name, stale source version, last owner).",
+    "415": "The body is not JSON (send Content-Type: application/json).",
 }
+
+# What the API's operations read a body as. No operation of the API takes a form or a file upload
+# (uploads go through the IDE's own endpoint), so the schema offers JSON alone, whatever other
+# parsers DRF has installed.
+BODY_MEDIA_TYPES = ["application/json"]
 
 
 class NimbusAutoSchema(AutoSchema):
-    """Adds the documented error responses to every operation of the API."""
+    """Adds the documented error responses to every operation of the API, and says its bodies are JSON."""
+
+    def map_parsers(self):
+        parsers = super().map_parsers()
+        if not self.path.startswith("/api/v1/"):
+            return parsers
+        return [media_type for media_type in parsers if media_type in BODY_MEDIA_TYPES]
 
     def _get_response_bodies(self, direction="response"):
         responses = super()._get_response_bodies(direction)
@@ -51,6 +66,8 @@ class NimbusAutoSchema(AutoSchema):
         codes = ["400", "401", "403", "404"]
         if self.method in ("POST", "PUT", "PATCH", "DELETE"):
             codes.append("409")
+        if self.method in ("POST", "PUT", "PATCH") and self.get_request_serializer() is not None:
+            codes.append("415")
         for code in codes:
             if code not in responses:
                 responses[code] = self._get_response_for_code(

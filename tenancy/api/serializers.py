@@ -6,6 +6,7 @@ roles exist) live in tenancy.services and come back as NimbusError.
 
 from rest_framework import serializers
 
+from portal.api.inputs import ClosedInputSerializer
 from tenancy.models import ApiToken, AuditEvent, Membership, Quota, Role, Tenant
 
 
@@ -41,17 +42,25 @@ class TenantCreateSerializer(serializers.Serializer):
     name = serializers.CharField(max_length=100, required=False, allow_blank=True, default="")
 
 
-class TenantUpdateSerializer(serializers.Serializer):
-    name = serializers.CharField(max_length=100)
+class TenantUpdateSerializer(ClosedInputSerializer):
+    """What a PATCH may change: the name (owners), the isolation (platform operators)."""
+
+    read_only_names = tuple(TenantDetailSerializer.Meta.fields)
+
+    name = serializers.CharField(max_length=100, required=False)
+    isolation = serializers.ChoiceField(choices=Tenant.Isolation.choices, required=False,
+                                        help_text="Platform operators only.")
 
 
 class MemberSerializer(serializers.ModelSerializer):
+    """A member as the tenant knows them: the username they were added by and their role. No e-mail
+    or other profile data: adding a username must not reveal anything else about that account."""
+
     username = serializers.CharField(source="user.username", read_only=True)
-    email = serializers.EmailField(source="user.email", read_only=True)
 
     class Meta:
         model = Membership
-        fields = ["username", "email", "role", "created_at"]
+        fields = ["username", "role", "created_at"]
         read_only_fields = fields
 
 
@@ -60,8 +69,10 @@ class MemberAddSerializer(serializers.Serializer):
     role = serializers.ChoiceField(choices=Role.choices, default=Role.DEVELOPER)
 
 
-class MemberRoleSerializer(serializers.Serializer):
-    role = serializers.ChoiceField(choices=Role.choices)
+class MemberRoleSerializer(ClosedInputSerializer):
+    read_only_names = tuple(MemberSerializer.Meta.fields)
+
+    role = serializers.ChoiceField(choices=Role.choices, required=False)
 
 
 class TokenSerializer(serializers.ModelSerializer):

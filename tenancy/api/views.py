@@ -11,6 +11,8 @@ from rest_framework import filters, generics, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from portal.api.filters import FILTER_BACKENDS, DateTimeFilter
+from portal.api.inputs import valid_body
 from portal.api.permissions import request_token
 from portal.errors import NotFound, PermissionDenied
 from tenancy import selectors, services
@@ -24,9 +26,7 @@ def tenant_or_404(request, slug: str):
 
 
 def _valid(serializer_class, request, **kwargs) -> dict:
-    serializer = serializer_class(data=request.data, **kwargs)
-    serializer.is_valid(raise_exception=True)
-    return serializer.validated_data
+    return valid_body(serializer_class, request.data, **kwargs)
 
 
 def _tenant_detail(request, tenant) -> dict:
@@ -42,7 +42,7 @@ def _tenant_detail(request, tenant) -> dict:
 class TenantListView(generics.ListAPIView):
     queryset = Tenant.objects.none()  # what the schema generator sees
     serializer_class = s.TenantSerializer
-    filter_backends = [filters.SearchFilter, filters.OrderingFilter]
+    filter_backends = FILTER_BACKENDS
     search_fields = ["slug", "name"]
     ordering_fields = ["slug", "name", "created_at"]
     ordering = ["slug"]
@@ -73,12 +73,13 @@ class TenantDetailView(APIView):
     def get(self, request, tenant_slug):
         return Response(_tenant_detail(request, tenant_or_404(request, tenant_slug)))
 
-    @extend_schema(summary="Rename a tenant (owners)", request=s.TenantUpdateSerializer,
-                   responses=s.TenantDetailSerializer)
+    @extend_schema(summary="Rename a tenant (owners) or change its isolation (platform operators); only the "
+                           "fields sent change", request=s.TenantUpdateSerializer, responses=s.TenantDetailSerializer)
     def patch(self, request, tenant_slug):
         tenant = tenant_or_404(request, tenant_slug)
         data = _valid(s.TenantUpdateSerializer, request)
-        tenant = services.tenant_update(acting_user=request.user, tenant=tenant, name=data["name"])
+        if data:  # a PATCH without fields changes nothing
+            tenant = services.tenant_update(acting_user=request.user, tenant=tenant, **data)
         return Response(_tenant_detail(request, tenant))
 
 
@@ -88,7 +89,7 @@ class MemberListView(generics.ListAPIView):
     queryset = Membership.objects.none()  # what the schema generator sees
     serializer_class = s.MemberSerializer
     filter_backends = [filters.SearchFilter]
-    search_fields = ["user__username", "user__email", "role"]
+    search_fields = ["user__username", "role"]  # not e-mail: no probing members' addresses
 
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):
@@ -128,8 +129,9 @@ class MemberDetailView(APIView):
     def patch(self, request, tenant_slug, username):
         membership = _membership_or_404(request, tenant_slug, username)
         data = _valid(s.MemberRoleSerializer, request)
-        membership = services.tenant_member_change_role(acting_user=request.user, membership=membership,
-                                                        role=data["role"])
+        if "role" in data:  # a PATCH without a role changes nothing
+            membership = services.tenant_member_change_role(acting_user=request.user, membership=membership,
+                                                            role=data["role"])
         return Response(s.MemberSerializer(membership).data)
 
     @extend_schema(summary="Remove a member (their tokens for the tenant are revoked)", request=None,
@@ -140,6 +142,17 @@ class MemberDetailView(APIView):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
+class LeaveView(APIView):
+    @extend_schema(summary="Leave the tenant (any member but its last owner; your tokens for it are revoked)",
+                   request=None, responses={204: None})
+    def post(self, request, tenant_slug):
+        if request_token(request) is not None:
+            # A token could otherwise take its user out of the tenant on its own say-so.
+            raise PermissionDenied("Leaving a tenant needs you signed in, not an API token.")
+        services.tenant_member_leave(acting_user=request.user, tenant=tenant_or_404(request, tenant_slug))
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
 # ---- API tokens ----------------------------------------------------------------------------
 
 class TokenListView(generics.ListAPIView):
@@ -147,7 +160,7 @@ class TokenListView(generics.ListAPIView):
 
     queryset = ApiToken.objects.none()  # what the schema generator sees
     serializer_class = s.TokenSerializer
-    filter_backends = [filters.SearchFilter, filters.OrderingFilter]
+    filter_backends = FILTER_BACKENDS
     search_fields = ["name", "prefix", "user__username"]
     ordering_fields = ["created_at", "last_used_at", "name", "expires_at"]
 
@@ -202,8 +215,8 @@ class AuditEventFilter(django_filters.FilterSet):
     action = django_filters.CharFilter(method="filter_action", help_text=(
         "Exact action, e.g. function.deploy; a trailing '.' matches a family, e.g. function."))
     actor = django_filters.CharFilter(field_name="actor_name", help_text="Username of who acted")
-    since = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
-    until = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
+    since = DateTimeFilter(field_name="created_at", lookup_expr="gte")
+    until = DateTimeFilter(field_name="created_at", lookup_expr="lt")
 
     class Meta:
         model = AuditEvent
@@ -220,6 +233,7 @@ class AuditEventListView(generics.ListAPIView):
 
     queryset = AuditEvent.objects.none()  # what the schema generator sees
     serializer_class = s.AuditEventSerializer
+    filter_backends = FILTER_BACKENDS
     filterset_class = AuditEventFilter
     search_fields = ["action", "actor_name", "target_repr"]
     ordering_fields = ["created_at"]

@@ -130,7 +130,7 @@ def test_schema_generates_without_warnings(tmp_path, db):
     call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(out))
     schema = yaml.safe_load(out.read_text())
     deploy = schema["paths"]["/api/v1/tenants/{tenant_slug}/functions/{function_name}/deploy"]["post"]
-    assert set(deploy["responses"]) == {"202", "400", "401", "403", "404", "409"}
+    assert set(deploy["responses"]) == {"202", "400", "401", "403", "404", "409", "415"}
     assert deploy["responses"]["409"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/Error"}
     assert {"apiToken": []} in deploy["security"]

@@ -489,3 +489,26 @@ def test_a_sequence_runs_callback_takes_the_guarded_path(engine, deploy, listen,
     assert callback_status(allowed.json()["id"]) == "delivered: 200"
     (_, payload), = listener.received
     assert json.loads(json.loads(payload)["body"]) == {"n": 4}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_viewers_invoke_token_names_a_callback_only_for_a_function_shared_to_run(engine, deploy, gateway, listen,
+                                                                                  tenant, members, invoke_token):
+    """A viewer's token may carry the invoke scope (for the functions shared with them to edit or
+    deploy); on a public function it may not make the portal call out where the viewer says."""
+    from functions.services import function_share
+
+    function, _ = deploy("echo", handler(ECHO))
+    callback = listen().url("localhost")
+    viewer = token_create(acting_user=members["viewer"], tenant=tenant, name="v", scopes=["invoke"])[1]
+    refused = call_async(gateway, callback, token=viewer)
+    assert refused.status == 403, refused
+    assert refused.json()["field"] == "callback_url" and "may run this function" in refused.json()["detail"]
+    function_share(acting_user=members["admin"], function=function, username=members["viewer"].username,
+                   level="view")
+    assert call_async(gateway, callback, token=viewer).status == 403
+    assert not Delivery.objects.exists()
+    function_share(acting_user=members["admin"], function=function, username=members["viewer"].username,
+                   level="edit")
+    assert call_async(gateway, callback, token=viewer).status == 202
+    assert call_async(gateway, callback, token=invoke_token).status == 202  # a developer's

@@ -19,10 +19,14 @@ CODE = ("def handle(event, context):\n"
         "    return {'ok': True}\n")
 
 
-def test_invocation_leaves_trace_rollup_and_samples(engine, deploy, gateway, client, members):
+def test_invocation_leaves_trace_rollup_and_samples(engine, deploy, gateway, client, members, tenant):
+    from tenancy.services import token_create
+
     function, revision = deploy("traced", {"handler.py": CODE})
     caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-    first = gateway.get("/fn/acme/traced/", headers={"traceparent": caller})
+    # A caller of the tenant continues its trace (outside callers are linked: test_trace_links.py).
+    _, token = token_create(acting_user=members["developer"], tenant=tenant, name="ci", scopes=["invoke"])
+    first = gateway.get("/fn/acme/traced/", headers={"traceparent": caller, "Authorization": f"Bearer {token}"})
     second = gateway.get("/fn/acme/traced/")
     assert first.status == 200 and second.status == 200
     assert first.headers["x-nimbus-cold-start"] == "yes"

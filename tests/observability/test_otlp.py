@@ -80,3 +80,23 @@ def test_spans_are_exported_over_otlp_http(receiver, settings, function, record,
 def test_no_endpoint_no_export(settings):
     settings.OTEL_EXPORTER_OTLP_ENDPOINT = ""
     assert tracing.processor() is None
+
+
+def test_a_linked_trace_is_exported_with_its_span_link(receiver, settings, function, record, minute):
+    """A call from outside the tenant starts its own trace; the caller's span context travels as an
+    OpenTelemetry span link (tests/observability/test_trace_links.py), not as the parent."""
+    settings.OTEL_EXPORTER_OTLP_ENDPOINT = f"http://127.0.0.1:{receiver.server_address[1]}"
+    row = record(minute, 5, trace_id="11111111111111111111111111111111")
+    ingest.invocations_written([row], {str(row.id): {
+        "caller_span": "", "gateway_span": "00f067aa0ba902b7",
+        "link": ["4bf92f3577b34da6a3ce929d0e0e4736", "b7ad6b7169203331"]}})
+    assert tracing.flush()
+    exported = []
+    for _, _, payload in Receiver.received:
+        request = ExportTraceServiceRequest()
+        request.ParseFromString(payload)
+        exported += [s for r in request.resource_spans for ss in r.scope_spans for s in ss.spans]
+    (gateway,) = [s for s in exported if s.span_id.hex() == "00f067aa0ba902b7"]
+    assert gateway.trace_id.hex() == "11111111111111111111111111111111" and gateway.parent_span_id == b""
+    assert [(link.trace_id.hex(), link.span_id.hex()) for link in gateway.links] == [
+        ("4bf92f3577b34da6a3ce929d0e0e4736", "b7ad6b7169203331")]

@@ -106,11 +106,23 @@ def test_log_search_filters_and_pages(client, members, outsider, function, recor
     assert login(client, outsider).get(url).status_code == 404
 
 
+@pytest.mark.parametrize("query", ["?since=2026-01-01T00:00:00%2B23:10", "?until=2026-01-01T00:00:00-20:00",
+                                   "?since=0001-01-01T00:00:00%2B05:00"])
+def test_log_search_page_takes_any_iso_offset_without_a_500(query, client, members, function, record, minute):
+    """PostgreSQL holds offsets up to ±15:59 only: the page compares in UTC, and a moment with no UTC
+    equivalent is a form error, not a server error."""
+    record(minute, 1)
+    response = login(client, members["viewer"]).get(f"/t/acme/f/{function.name}/logs/" + query)
+    assert response.status_code == 200
+
+
 def test_metrics_endpoint_and_token(client, function, record, minute, settings):
     ingest.invocations_written([record(minute, 12, revision=None)])
+    settings.DEBUG = True  # a development install: open without a token (tests/observability/test_metrics_access.py)
     body = client.get("/metrics").content.decode()
     assert 'nimbus_function_invocations_total{' in body
     assert 'tenant="acme"' in body and 'function="hello"' in body and 'namespace="nimbus-acme"' in body
+    settings.DEBUG = False
     settings.NIMBUS_METRICS_TOKEN = "s3cret"
     assert client.get("/metrics").status_code == 401
     assert client.get("/metrics", HTTP_AUTHORIZATION="Bearer wrong").status_code == 401

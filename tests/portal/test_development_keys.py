@@ -60,10 +60,10 @@ def test_an_older_install_still_reads_its_secrets(tmp_path):
 def test_the_test_signature_has_a_key_of_its_own(settings):
     from django.core import signing
 
-    from functions.test_invoke import SALT, check_test_signature, test_signature
+    from functions.test_invoke import SALT, test_signature, test_signer
 
     good = test_signature(user_id=1, function_id=7)
-    assert check_test_signature(good, 7) and not check_test_signature(good, 8)
+    assert test_signer(good, 7) == 1 and test_signer(good, 8) is None
     # Signed with SECRET_KEY itself (what any other signature of the portal uses): refused.
     forged = signing.dumps({"f": 7, "u": 1}, salt=SALT, compress=False)
-    assert not check_test_signature(forged, 7)
+    assert test_signer(forged, 7) is None

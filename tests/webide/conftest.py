@@ -14,6 +14,7 @@ from functions.engines.base import DeployEvent
 from tests.doubles import RecordingEngine
 
 ORIGIN = (b"origin", b"http://testserver")
+HOST = (b"host", b"testserver")  # what a browser sends; the origin check compares the two
 
 
 @pytest.fixture
@@ -93,7 +94,7 @@ class Ide:
 async def connect(cookie: bytes | None, path="/ws/ide/acme/hello/", origin=ORIGIN):
     from portal.asgi import application
 
-    headers = [origin] if origin else []
+    headers = [HOST, origin] if origin else [HOST]
     if cookie:
         headers.append((b"cookie", cookie))
     communicator = WebsocketCommunicator(application, path, headers=headers)

@@ -236,8 +236,10 @@ async def test_access_withdrawn_while_open_is_refused(function, cookies, members
         await ide.ask("open", "opened")
         membership = await sync_to_async(Membership.objects.get)(user=members["viewer"], tenant=function.tenant_id)
         await sync_to_async(tenant_member_remove)(acting_user=members["owner"], membership=membership)
-        reply = await ide.ask("open", "opened")
-    assert reply["type"] == "error" and reply["code"] == "not_found"
+        # The socket is told why and closed (tests/webide/test_access_revoked.py has the rest).
+        closing = await ide.expect_type("closing")
+        assert closing["code"] == "access_revoked"
+        assert (await ide.communicator.receive_output(timeout=5)) == {"type": "websocket.close", "code": 4403}
 
 
 # ---- presence -----------------------------------------------------------------------------------

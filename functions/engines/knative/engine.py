@@ -107,7 +107,7 @@ class KnativeEngine:
         # Calls from the portal (gateway, delivery queue): see invoke.py.
         self.routes = invoke.KnativeRouteTable()
         self.timeout_margin = float(self.values.get("INVOKE_TIMEOUT_MARGIN", invoke.DEFAULT_TIMEOUT_MARGIN))
-        self.max_body_bytes = int(self.values.get("MAX_BODY_BYTES") or settings.NIMBUS_LOCAL["MAX_BODY_BYTES"])
+        self.max_body_bytes = int(self.values.get("MAX_BODY_BYTES") or settings.NIMBUS_MAX_BODY_BYTES)
         self.service_client = invoke.ServiceClient()
         self._records: RecordsWriter | None = None
         self._records_lock = threading.Lock()

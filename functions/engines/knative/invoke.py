@@ -26,11 +26,13 @@ from functions.engines.local.gateway import (
     INSTANCE_REPORT_HEADERS,
     PREFIX,
     TEST_SIGNATURE_HEADER,
+    TRACE_LINK_HEADER,
     _note_runtime_trace,
     _problem,
     _random,
     _respond,
     _trace,
+    _trace_link,
 )
 from functions.engines.local.routes import Route, RouteTable
 
@@ -43,7 +45,8 @@ DEFAULT_TIMEOUT_MARGIN = 5.0
 CONNECTIONS = 256  # kept-alive connections to Services, across all functions
 KEEPALIVE_SECONDS = 30.0
 HOP = {name.decode() for name in HOP_HEADERS}
-NOT_FORWARDED = HOP | {"traceparent", "x-nimbus-invocation-id", "x-nimbus-trigger", TEST_SIGNATURE_HEADER.decode()}
+NOT_FORWARDED = HOP | {"traceparent", "x-nimbus-invocation-id", "x-nimbus-trigger", TEST_SIGNATURE_HEADER.decode(),
+                       TRACE_LINK_HEADER.decode()}
 # Said by the delivery worker only: a direct call through the gateway may not claim to be a delivery.
 DELIVERY_ONLY = {"x-nimbus-delivery-id", "x-nimbus-attempt"}
 # The shim's report on its instance (cold start, handler time) goes into the record; the caller gets
@@ -272,7 +275,8 @@ async def call(engine, route: KnativeRoute, target, tag: str | None, *, method: 
     trace_id, caller_span, gateway_span, traceparent = _trace(raw_headers)
     record = {"id": invocation_id, "function_id": route.function_id, "revision_id": None,
               "started_at": datetime.now(dt_timezone.utc), "trace_id": trace_id, "trigger": trigger,
-              "trace": {"caller_span": caller_span, "gateway_span": gateway_span}}
+              "trace": {"caller_span": caller_span, "gateway_span": gateway_span,
+                        "link": _trace_link(raw_headers)}}
     forward = [(k, v) for k, v in headers if k.lower() not in NOT_FORWARDED]
     forward += [("X-Nimbus-Invocation-Id", str(invocation_id)), ("X-Nimbus-Trigger", trigger),
                 ("traceparent", traceparent)]

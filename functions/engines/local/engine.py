@@ -180,7 +180,8 @@ class LocalEngine:
 
     @property
     def max_body_bytes(self) -> int:
-        return int(self.settings.get("MAX_BODY_BYTES", 6 * 1024 * 1024))
+        # The portal-wide body limit, unless this engine was given its own (tests).
+        return int(self.settings.get("MAX_BODY_BYTES") or settings.NIMBUS_MAX_BODY_BYTES)
 
     # ---- the Engine protocol ---------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 (on the Knative engine, after the same routing and auth, → the function's Knative Service).
 
 A lean ASGI app (no Django middleware, sessions or per-request queries beyond the cached route
-table and a briefly cached token check), which records every invocation off the request path.
+table and a cached token check, valid while the shared access generation stands), which records every
+invocation off the request path.
 """
 
 from __future__ import annotations
@@ -20,13 +21,20 @@ from functions.engines.concurrency import refusal, tenant_slots
 from functions.engines.local import client
 from functions.engines.local.instances import InstanceFailed, PoolClosed, Saturated
 from functions.engines.local.routes import with_own_connection
+from functions.invoke_access import TokenAccess, token_access
 from functions.test_invoke import HEADER as TEST_SIGNATURE_HEADER_NAME
-from functions.test_invoke import check_test_signature
+from functions.test_invoke import check_test_signature, test_signer
+from portal.errors import BodyTooLarge, DatabaseBusy
+from tenancy.revocation import access_generation, on_access_changed
 
 TEST_SIGNATURE_HEADER = TEST_SIGNATURE_HEADER_NAME.encode()
 
 PREFIX = "/fn/"
-# Bounds how long a revoked or expired token can still invoke: one token lookup per 5 s per token.
+# A token's access is cached with the access generation it was looked up under, and used only while
+# every process's shared generation (tenancy/revocation.py; Redis) still says that: revoking a token,
+# removing or downgrading a member, suspending a tenant or deactivating a user raises it, so the very
+# next call in any process looks the token up again. A generation that cannot be read means no cache.
+# A token reaching its expiry raises no generation: its entry ends with the expiry it carries.
 TOKEN_CACHE_SECONDS = 5.0
 EXIT_REASON_WAIT = 1.0
 HOP_HEADERS = {b"connection", b"keep-alive", b"transfer-encoding", b"upgrade", b"proxy-connection", b"te",
@@ -38,12 +46,15 @@ NOT_PASSED_ON = frozenset(("x-nimbus-invocation-id", "x-nimbus-revision", *INSTA
 # Identifiers need to be unique, not secret; os.urandom costs ~70 µs a call on some VMs.
 # What a caller may not pass on to the handler: hop-by-hop headers, and what the platform itself
 # says (the trace, the invocation, the trigger, a queued delivery's id and attempt, the IDE's signature).
+# The caller's span context, set by the gateway only, when a caller outside the function's tenant
+# sent a traceparent: the call starts a trace of its own, linked to the caller's (see _trace_headers).
+TRACE_LINK_HEADER = b"x-nimbus-trace-link"
 PLATFORM_HEADERS = {b"traceparent", b"x-nimbus-invocation-id", b"x-nimbus-trigger", b"x-nimbus-delivery-id",
-                    b"x-nimbus-attempt"}
+                    b"x-nimbus-attempt", TRACE_LINK_HEADER}
 NOT_FORWARDED = HOP_HEADERS | PLATFORM_HEADERS | {TEST_SIGNATURE_HEADER}
 _random = random.Random()
 HEX = frozenset("0123456789abcdefABCDEF")
-_token_cache: dict[str, tuple[float, int | None, bool]] = {}
+_token_cache: dict[str, tuple[float, int, TokenAccess | None]] = {}
 
 
 def _engine():
@@ -65,6 +76,11 @@ def _problem(code: str, detail: str) -> bytes:
     return json.dumps({"code": code, "detail": detail}).encode()
 
 
+def _too_large(limit: int) -> bytes:
+    """The 413's body, the same as the API's and the event ingress's (it names the limit)."""
+    return json.dumps(BodyTooLarge(limit).as_dict()).encode()
+
+
 async def _read_body(receive, limit: int) -> bytes | None:
     """The request body, or None once it exceeds ``limit``."""
     chunks, size = [], 0
@@ -81,28 +97,48 @@ async def _read_body(receive, limit: int) -> bytes | None:
             return b"".join(chunks)
 
 
-def _token_check(token: str) -> tuple[int | None, bool]:
-    """(the token's tenant id or None, whether it has the invoke scope), cached briefly."""
+def _drop_access_caches() -> None:
+    _token_cache.clear()
+    from functions import engines
+
+    routes = getattr(engines._engine, "routes", None)
+    if routes is not None:
+        routes.invalidate()  # a suspended tenant's routes go too
+
+
+on_access_changed(_drop_access_caches)
+
+
+def _token_check(token: str, key: str, generation: int | None) -> TokenAccess | None:
+    """The token's access, looked up now; kept under ``generation`` (read before the lookup began, so
+    a change committed meanwhile makes the entry stale at once), unless that is None."""
+    started = time.monotonic()
+    access = token_access(token)
+    if generation is not None:
+        if len(_token_cache) > 10000:
+            _token_cache.clear()
+        _token_cache[key] = (started, generation, access)
+    return access
+
+
+async def _token_access(token: str) -> TokenAccess | None:
     key = hashlib.sha256(token.encode()).hexdigest()
-    now = time.monotonic()
-    cached = _token_cache.get(key)
-    if cached and now - cached[0] < TOKEN_CACHE_SECONDS:
-        return cached[1], cached[2]
-    from tenancy.services import token_authenticate
-
-    api_token = token_authenticate(token)
-    result = (None, False) if api_token is None else (api_token.tenant_id, api_token.has_scope("invoke"))
-    if len(_token_cache) > 10000:
-        _token_cache.clear()
-    _token_cache[key] = (now, *result)
-    return result
+    generation = await access_generation()
+    cached = _token_cache.get(key) if generation is not None else None
+    if (cached and cached[1] == generation and time.monotonic() - cached[0] < TOKEN_CACHE_SECONDS
+            and (cached[2] is None or cached[2].usable(time.time()))):
+        return cached[2]
+    return await asyncio.to_thread(with_own_connection, _token_check, token, key, generation)
 
 
-def _signed_test_call(headers, function_id: int) -> bool:
+async def _signed_test_call(headers, function_id: int) -> bool:
     """The IDE's test panel calls private functions with a short-lived signature for this one
-    function (functions/test_invoke.py) instead of an API token in the browser."""
+    function (functions/test_invoke.py) instead of an API token in the browser. Its user's right to
+    run the function is looked up on every call (test calls are few), never cached."""
     value = next((v.decode("latin-1") for k, v in headers if k == TEST_SIGNATURE_HEADER), "")
-    return bool(value) and check_test_signature(value, function_id)
+    if not value or test_signer(value, function_id) is None:
+        return False
+    return await asyncio.to_thread(with_own_connection, check_test_signature, value, function_id)
 
 
 def _parse_path(path: str) -> tuple[str, str, str | None, str] | None:
@@ -121,6 +157,25 @@ def _parse_path(path: str) -> tuple[str, str, str | None, str] | None:
 async def gateway_app(scope, receive, send):
     if scope["type"] != "http":
         return
+    started = False
+
+    async def tracked_send(message):
+        nonlocal started
+        started = True
+        await send(message)
+
+    try:
+        await _serve(scope, receive, tracked_send)
+    except DatabaseBusy as exc:
+        # Routes, tokens and async hand-offs read the database; when it has no connection to give
+        # (every one of the pool's in use), the caller is told to retry instead of the server failing.
+        if started:
+            raise
+        await _respond(send, exc.http_status, json.dumps(exc.as_dict()).encode(),
+                       [(b"retry-after", str(exc.retry_after).encode())])
+
+
+async def _serve(scope, receive, send):
     engine = _engine()
     parsed = _parse_path(scope["path"])
     if parsed is None:
@@ -132,7 +187,7 @@ async def gateway_app(scope, receive, send):
         await _respond(send, 404, _problem("not_found", f"There is no function {tenant}/{name}."))
         return
     headers = scope.get("headers") or []
-    if route.invoke_auth == "token" and not _signed_test_call(headers, route.function_id):
+    if route.invoke_auth == "token" and not await _signed_test_call(headers, route.function_id):
         authorization = next((v.decode("latin-1") for k, v in headers if k == b"authorization"), "")
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -140,18 +195,26 @@ async def gateway_app(scope, receive, send):
                                                                   "invoke scope (Authorization: Bearer …)."),
                            [(b"www-authenticate", b'Bearer realm="nimbus"')])
             return
-        token_tenant, can_invoke = await asyncio.to_thread(with_own_connection, _token_check, token.strip())
-        if token_tenant is None:
+        access = await _token_access(token.strip())
+        if access is None:
             await _respond(send, 401, _problem("unauthenticated", "The API token is invalid or expired."),
                            [(b"www-authenticate", b'Bearer realm="nimbus", error="invalid_token"')])
             return
-        if token_tenant != route.tenant_id:
+        if access.tenant_id != route.tenant_id:
             # Another tenant's token: the function does not exist as far as it can tell.
             await _respond(send, 404, _problem("not_found", f"There is no function {tenant}/{name}."))
             return
-        if not can_invoke:
-            await _respond(send, 403, _problem("permission_denied", "The API token lacks the invoke scope."))
+        if "invoke" not in access.scopes:
+            await _respond(send, 403, _problem("permission_denied", "The API token lacks the invoke scope (or its "
+                                                                    "user's role no longer allows it)."))
             return
+        if not access.may_invoke(route.function_id):
+            await _respond(send, 403, _problem("permission_denied", "The API token's user may not run this function: "
+                                                                    "viewers read only, unless the function is "
+                                                                    "shared with them to edit or deploy."))
+            return
+    # Past the check above, a token function's caller is of its tenant; a public function's is anyone.
+    headers = await _trace_headers(headers, route, insider=route.invoke_auth == "token")
     target = route.pick(tag)
     if target is None:
         detail = f"No revision is tagged '{tag}'." if tag else "No revision takes traffic."
@@ -160,16 +223,14 @@ async def gateway_app(scope, receive, send):
     limit = engine.max_body_bytes
     declared = next((v for k, v in headers if k == b"content-length"), None)
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        await _respond(send, 413, _problem("too_large", f"The body exceeds {limit:,} bytes."),
-                       [(b"connection", b"close")])
+        await _respond(send, 413, _too_large(limit), [(b"connection", b"close")])
         return
     try:
         body = await _read_body(receive, limit)
     except ConnectionAbortedError:
         return
     if body is None:
-        await _respond(send, 413, _problem("too_large", f"The body exceeds {limit:,} bytes."),
-                       [(b"connection", b"close")])
+        await _respond(send, 413, _too_large(limit), [(b"connection", b"close")])
         return
     if _wants_async(headers):
         await _accept_async(send, scope, route, tag, sub_path, headers, body)
@@ -207,16 +268,62 @@ async def _accept_async(send, scope, route, tag, sub_path, headers, body) -> Non
     await _respond(send, status, payload, extra)
 
 
+def _span_context(value: str) -> tuple[str, str, str] | None:
+    """(trace id, span id, flags) of a W3C traceparent, or None when it is not one. Hex only: the
+    ids are stored with the invocation record, in a batch with other tenants' records."""
+    parts = value.split("-")
+    if (len(parts) == 4 and len(parts[1]) == 32 and len(parts[2]) == 16 and len(parts[3]) >= 2
+            and HEX.issuperset(parts[1]) and HEX.issuperset(parts[2]) and HEX.issuperset(parts[3][:2])):
+        return parts[1].lower(), parts[2].lower(), parts[3][:2]
+    return None
+
+
+async def _same_tenant_caller(headers, route) -> bool:
+    """Whether a public function's caller showed it is of the function's tenant: the IDE's test
+    signature for it, or an API token of the tenant (any scope: it only decides whose trace this is)."""
+    if any(k == TEST_SIGNATURE_HEADER for k, _ in headers):
+        return await _signed_test_call(headers, route.function_id)
+    authorization = next((v.decode("latin-1") for k, v in headers if k == b"authorization"), "")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return False
+    access = await _token_access(token.strip())
+    return access is not None and access.tenant_id == route.tenant_id
+
+
+async def _trace_headers(headers, route, *, insider: bool):
+    """The request's headers with its trace decided. A caller of the function's tenant (its token, its
+    IDE) continues the trace its traceparent names. Anyone else (anonymous, another tenant) must not
+    add spans to a trace it merely names, which may be another tenant's: the call starts a trace of
+    its own, linked to the caller's span context (TRACE_LINK_HEADER, an OpenTelemetry span link)."""
+    if not any(k == b"traceparent" or k == TRACE_LINK_HEADER for k, _ in headers):
+        return headers
+    traceparent = next((v for k, v in headers if k == b"traceparent"), b"")
+    rest = [(k, v) for k, v in headers if k != b"traceparent" and k != TRACE_LINK_HEADER]
+    if not traceparent:
+        return rest  # a link header only the gateway may set
+    if insider or await _same_tenant_caller(headers, route):
+        return rest + [(b"traceparent", traceparent)]
+    context = _span_context(traceparent.decode("latin-1"))
+    return rest + ([(TRACE_LINK_HEADER, f"{context[0]}-{context[1]}".encode())] if context else [])
+
+
+def _trace_link(headers) -> tuple[str, str]:
+    """(trace id, span id) the gateway linked this call to, or ("", "")."""
+    value = next((v.decode("latin-1") for k, v in headers if k == TRACE_LINK_HEADER), "")
+    context = _span_context(f"00-{value}-01")
+    return (context[0], context[1]) if context else ("", "")
+
+
 def _trace(headers) -> tuple[str, str, str, str]:
     """(trace id, the caller's span id or "", the gateway's span id, the traceparent sent on): a
-    caller's W3C traceparent continues its trace, with the gateway's span as the handler's parent."""
+    traceparent the gateway let through continues its trace, with the gateway's span as the
+    handler's parent; without one, a new trace starts."""
     value = next((v.decode("latin-1") for k, v in headers if k == b"traceparent"), "")
-    parts = value.split("-")
+    context = _span_context(value)
     span_id = f"{_random.getrandbits(64):016x}"
-    # Hex only: the trace id is stored with the invocation record, in a batch with other tenants' records.
-    if (len(parts) == 4 and len(parts[1]) == 32 and len(parts[2]) == 16
-            and HEX.issuperset(parts[1]) and HEX.issuperset(parts[2]) and HEX.issuperset(parts[3][:2])):
-        return parts[1], parts[2], span_id, f"00-{parts[1]}-{span_id}-{parts[3][:2]}"
+    if context is not None:
+        return context[0], context[1], span_id, f"00-{context[0]}-{span_id}-{context[2]}"
     trace_id = f"{_random.getrandbits(128):032x}"
     return trace_id, "", span_id, f"00-{trace_id}-{span_id}-01"
 
@@ -228,7 +335,7 @@ async def _invoke(engine, scope, send, route, target, tag, sub_path, headers, bo
     trace_id, caller_span, gateway_span, traceparent = _trace(headers)
     record = {"id": invocation_id, "function_id": route.function_id, "revision_id": target.revision_id,
               "started_at": started_at, "trace_id": trace_id, "trigger": "http",
-              "trace": {"caller_span": caller_span, "gateway_span": gateway_span}}
+              "trace": {"caller_span": caller_span, "gateway_span": gateway_span, "link": _trace_link(headers)}}
 
     def finish(status_name: str, http_status: int, *, instance="", cold=False, init_ms=0.0, queue_ms=0.0,
                duration_ms=0.0, error="") -> None:

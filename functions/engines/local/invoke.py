@@ -13,7 +13,15 @@ from datetime import datetime, timezone as dt_timezone
 from functions.engines.base import InvokeResult
 from functions.engines.concurrency import routed_call
 from functions.engines.local import client
-from functions.engines.local.gateway import EXIT_REASON_WAIT, HOP_HEADERS, INSTANCE_REPORT_HEADERS, _random, _trace
+from functions.engines.local.gateway import (
+    EXIT_REASON_WAIT,
+    HOP_HEADERS,
+    INSTANCE_REPORT_HEADERS,
+    TRACE_LINK_HEADER,
+    _random,
+    _trace,
+    _trace_link,
+)
 from functions.engines.local.instances import InstanceFailed, PoolClosed, Saturated
 from functions.engines.local.routes import with_own_connection
 
@@ -38,7 +46,7 @@ async def _call(engine, route, target, *, method: str, path: str, headers, body:
               "started_at": datetime.now(dt_timezone.utc), "trace_id": trace_id, "trigger": trigger}
     if len(trace) == 4:
         # The span ids the observability records expect (caller's span, the platform's span).
-        record["trace"] = {"caller_span": trace[1], "gateway_span": trace[2]}
+        record["trace"] = {"caller_span": trace[1], "gateway_span": trace[2], "link": _trace_link(raw_headers)}
 
     def finish(outcome: str, status: int, *, instance="", cold=False, init_ms=0.0, queue_ms=0.0, duration_ms=0.0,
                error="", out_body=b"", out_headers=()) -> InvokeResult:
@@ -66,7 +74,8 @@ async def _call(engine, route, target, *, method: str, path: str, headers, body:
     init_ms = inst.init_ms if cold else 0.0
     forward = [(k, v) for k, v in headers
                if k.lower().encode("latin-1") not in HOP_HEADERS
-               and k.lower() not in ("traceparent", "x-nimbus-invocation-id", "x-nimbus-trigger", "authorization")]
+               and k.lower() not in ("traceparent", "x-nimbus-invocation-id", "x-nimbus-trigger", "authorization",
+                                     TRACE_LINK_HEADER.decode())]
     forward += [("X-Nimbus-Invocation-Id", str(invocation_id)), ("X-Nimbus-Trigger", trigger),
                 ("traceparent", traceparent)]
     timeout = pool.spec.timeout_seconds

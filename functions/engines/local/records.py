@@ -91,37 +91,43 @@ class RecordsWriter:
                     # A short-lived connection per batch: nothing stays open between flushes.
                     connections.close_all()
 
-    def _write(self, records: list[dict], logs: list) -> int:
-        from functions.models import Function, Invocation, InvocationLog, Revision
-
-        # What the gateway learnt about each trace rides along with the record, not into the table.
-        traces = {str(r["id"]): r.pop("trace", None) for r in records if "trace" in r}
-        if records:
-            function_ids = {r["function_id"] for r in records}
-            existing = set(Function.objects.filter(pk__in=function_ids).values_list("pk", flat=True))
-            revision_ids = {r.get("revision_id") for r in records if r.get("revision_id")}
-            revisions = set(Revision.objects.filter(pk__in=revision_ids).values_list("pk", flat=True))
-            rows = []
-            for record in records:
-                if record["function_id"] not in existing:
-                    continue  # the function was deleted meanwhile
-                if record.get("revision_id") not in revisions:
-                    record = dict(record, revision_id=None)
-                # Error texts carry what instances and callers said (exit reasons, exceptions).
-                rows.append(Invocation(**{key: storable(value) if isinstance(value, str) else value
-                                          for key, value in record.items()}))
-            rows = _insert(Invocation, rows, ignore_conflicts=True)
-            for row in rows:
-                self.written[str(row.id)] = None
-                self.touched_functions.add(row.function_id)
-            while len(self.written) > KNOWN_IDS:
-                self.written.popitem(last=False)
+    def persist(self, invocation_id: str) -> bool:
+        """Write the record of ``invocation_id`` now, alone, if it is still waiting here; the rest of
+        the batch stays for the writer's thread. For a caller about to store a reference to it (a
+        delivery's result): a reference must never name a record that only lives in this batch, which
+        a crash would lose. True once it is stored; False when it cannot be (its function was deleted
+        meanwhile, or the flush that held it failed). A database error is raised, and the record goes
+        back to the batch for the writer's next flush."""
+        key = str(invocation_id)
+        if key in self.written:
+            return True
+        with self.flush_lock:  # a flush in progress may hold the record: it is stored, or not, once it ends
+            if key in self.written:
+                return True
+            record = self._take_record(key)
+            if record is None:
+                return False
             try:
-                from observability.ingest import invocations_written
+                self._write_records([dict(record)])
+            except Exception:
+                if key not in self.written:
+                    self.queue.put(("record", record))
+                raise
+        return key in self.written
 
-                invocations_written(rows, traces)
-            except Exception:  # noqa: BLE001 - metrics and traces must never cost the records themselves
-                log.exception("rolling up invocation records failed")
+    def _take_record(self, key: str) -> dict | None:
+        """Take the record of invocation ``key`` out of the batch (None when it is not waiting there)."""
+        with self.queue.mutex:
+            for index, (kind, item) in enumerate(self.queue.queue):
+                if kind == "record" and str(item["id"]) == key:
+                    del self.queue.queue[index]
+                    return item
+        return None
+
+    def _write(self, records: list[dict], logs: list) -> int:
+        from functions.models import InvocationLog
+
+        self._write_records(records)
         now = time.monotonic()
         for invocation_id, when, level, message in logs:
             self.waiting_logs.setdefault(invocation_id, []).append((when, level, message))
@@ -138,8 +144,41 @@ class RecordsWriter:
                 self.waiting_logs.pop(invocation_id, None)
                 self.waiting_since.pop(invocation_id, None)
         if lines:
-            _insert(InvocationLog, lines)
+            insert_rows(InvocationLog, lines)
         return len(records)
+
+    def _write_records(self, records: list[dict]) -> None:
+        from functions.models import Function, Invocation, Revision
+
+        if not records:
+            return
+        # What the gateway learnt about each trace rides along with the record, not into the table.
+        traces = {str(r["id"]): r.pop("trace", None) for r in records if "trace" in r}
+        function_ids = {r["function_id"] for r in records}
+        existing = set(Function.objects.filter(pk__in=function_ids).values_list("pk", flat=True))
+        revision_ids = {r.get("revision_id") for r in records if r.get("revision_id")}
+        revisions = set(Revision.objects.filter(pk__in=revision_ids).values_list("pk", flat=True))
+        rows = []
+        for record in records:
+            if record["function_id"] not in existing:
+                continue  # the function was deleted meanwhile
+            if record.get("revision_id") not in revisions:
+                record = dict(record, revision_id=None)
+            # Error texts carry what instances and callers said (exit reasons, exceptions).
+            rows.append(Invocation(**{key: storable(value) if isinstance(value, str) else value
+                                      for key, value in record.items()}))
+        rows = insert_rows(Invocation, rows, ignore_conflicts=True)
+        for row in rows:
+            self.written[str(row.id)] = None
+            self.touched_functions.add(row.function_id)
+        while len(self.written) > KNOWN_IDS:
+            self.written.popitem(last=False)
+        try:
+            from observability.ingest import invocations_written
+
+            invocations_written(rows, traces)
+        except Exception:  # noqa: BLE001 - metrics and traces must never cost the records themselves
+            log.exception("rolling up invocation records failed")
 
     def prune(self) -> None:
         """Keep the newest MAX_PER_FUNCTION records of each function, none older than DAYS."""
@@ -168,10 +207,11 @@ class RecordsWriter:
             log.exception("final flush of invocation records failed")
 
 
-def _insert(model, rows: list, **options) -> list:
+def insert_rows(model, rows: list, **options) -> list:
     """Insert ``rows`` in one batch; returns the rows stored. A batch the database refuses (a row it
     cannot take, such as a log line whose invocation was deleted meanwhile) is inserted again row by
-    row, so the refused row costs only itself, not the other invocations and tenants in the batch."""
+    row, so the refused row costs only itself, not the other invocations and tenants in the batch.
+    (The span store writes its batches through here too: observability/ingest.py.)"""
     try:
         _insert_batch(model, rows, **options)
         return rows
@@ -183,7 +223,7 @@ def _insert(model, rows: list, **options) -> list:
             return []
         log.warning("the database refused a batch of %d %s rows (%s); writing them one by one", len(rows),
                     model.__name__, exc)
-    return [row for row in rows if _insert(model, [row], **options)]
+    return [row for row in rows if insert_rows(model, [row], **options)]
 
 
 def _insert_batch(model, rows: list, **options) -> None:

@@ -9,8 +9,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from django.db import close_old_connections, connections
+from django.db import DatabaseError, close_old_connections, connections
 
+from portal.errors import DatabaseBusy
 
 UNLIMITED = 1 << 30  # a tenant without a quota row
 
@@ -59,6 +60,9 @@ class RouteTable:
         self.lock = threading.Lock()
         # Until the database shows a deploy's traffic (written after engine.deploy returns), reload often.
         self.eager_until = 0.0
+        # After the database had no connection to give, the table is not reloaded before this moment:
+        # the requests meanwhile are served from the table as it is, not each kept waiting for the pool.
+        self.unavailable_until = 0.0
         self.on_load = None  # called with the fresh routes (the engine retires unrouted revisions)
 
     def invalidate(self, *, eager_seconds: float = 0.0) -> None:
@@ -75,7 +79,16 @@ class RouteTable:
     def refresh(self, force: bool = False) -> None:
         with self.lock:
             if force or self._stale():
-                self.routes = self._load()
+                if not force and time.monotonic() < self.unavailable_until:
+                    raise DatabaseBusy()
+                try:
+                    routes = self._load()
+                except DatabaseError as exc:
+                    if not DatabaseBusy.caused(exc):
+                        raise
+                    self.unavailable_until = time.monotonic() + DatabaseBusy.retry_after
+                    raise DatabaseBusy() from exc
+                self.routes = routes
                 self.loaded_at = time.monotonic()
                 if self.on_load is not None:
                     self.on_load(self.routes)
@@ -110,14 +123,25 @@ class RouteTable:
 
     async def aget(self, tenant: str, name: str) -> Route | None:
         if self._stale():
-            await asyncio.to_thread(with_own_connection, self.refresh)
+            try:
+                await asyncio.to_thread(with_own_connection, self.refresh)
+            except DatabaseBusy:
+                # A route the table knows keeps serving while the database is busy; one it does not
+                # know may exist by now, so that request is told to retry (503), not 404.
+                if (tenant, name) not in self.routes:
+                    raise
         return self.routes.get((tenant, name))
 
 
 def with_own_connection(fn, *args):
-    """Run ``fn`` in a worker thread of the event loop, leaving no database connection open there."""
+    """Run ``fn`` in a worker thread of the event loop, leaving no database connection open there.
+    A database with no connection to give (every one of the pool's in use) raises DatabaseBusy."""
     close_old_connections()
     try:
         return fn(*args)
+    except DatabaseError as exc:
+        if DatabaseBusy.caused(exc):
+            raise DatabaseBusy() from exc
+        raise
     finally:
         connections.close_all()

@@ -54,11 +54,12 @@ def test_deployment_runs_daphne_with_probes_resources_and_settings():
     pod = deployment["spec"]["template"]
     assert deployment["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     container, = pod["spec"]["containers"]
-    assert container["command"][0] == "daphne" and container["command"][-1] == "portal.asgi:application"
+    assert container["command"][:3] == ["python", "-m", "portal.serve"]
+    assert container["command"][-1] == "portal.asgi:application"
     port = int(container["command"][container["command"].index("-p") + 1])
     assert container["ports"] == [{"name": "http", "containerPort": port}]
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert container[probe]["httpGet"]["path"] == "/healthz"
+    for probe, path in (("readinessProbe", "/healthz"), ("livenessProbe", "/livez")):
+        assert container[probe]["httpGet"]["path"] == path
         assert container[probe]["httpGet"]["port"] == "http"
         headers = {h["name"]: h["value"] for h in container[probe]["httpGet"]["httpHeaders"]}
         allowed = one("ConfigMap", "nimbus-settings")["data"]["ALLOWED_HOSTS"].split(",")
@@ -88,7 +89,8 @@ def test_settings_select_the_knative_engine_in_cluster():
     for key in ("NIMBUS_NAMESPACE_PREFIX", "NIMBUS_IMAGE_PYTHON", "NIMBUS_IMAGE_NODE", "NIMBUS_SANDBOX_RUNTIME_CLASS",
                 "NIMBUS_DEDICATED_NODE_LABEL", "NIMBUS_KNATIVE_DOMAIN", "NIMBUS_KUBE_TIMEOUT"):
         assert data[key]
-    assert set(one("Secret")["stringData"]) == {"SECRET_KEY", "DATABASE_URL", "REDIS_URL", "NIMBUS_SECRETS_KEYS"}
+    assert set(one("Secret")["stringData"]) == {"SECRET_KEY", "DATABASE_URL", "REDIS_URL", "NIMBUS_SECRETS_KEYS",
+                                                    "NIMBUS_METRICS_TOKEN"}
 
 
 def rbac_allows(rules, group, resource, verb):

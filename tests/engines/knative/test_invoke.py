@@ -65,8 +65,9 @@ def test_public_function_answers_through_the_portal_and_is_recorded(knative, ser
     answer = response.json()
     assert answer["path"] == "/orders/7" and answer["query"] == {"limit": "2"} and answer["body"] == "payload"
     assert answer["method"] == "POST" and answer["trigger"] == "http" and answer["revision"] == "1"
-    # The caller's trace goes on, with the portal's span as the handler's parent.
-    assert answer["traceparent"].split("-")[1] == TRACE_ID
+    # An anonymous caller's trace is linked to, not joined (tests/observability/test_trace_links.py):
+    # a trace of the function's own, with the portal's span as the handler's parent.
+    assert answer["traceparent"].split("-")[1] != TRACE_ID
     assert answer["traceparent"].split("-")[2] != "00f067aa0ba902b7"
     invocation_id = response.headers["x-nimbus-invocation-id"]
     assert answer["invocation"] == invocation_id
@@ -76,7 +77,12 @@ def test_public_function_answers_through_the_portal_and_is_recorded(knative, ser
 
     row = record(knative, invocation_id)
     assert (row.function_id, row.revision_id, row.status, row.http_status) == (function.pk, revision.pk, "success", 200)
-    assert (row.trigger, row.trace_id, row.cold_start, row.error) == ("http", TRACE_ID, True, "")
+    assert (row.trigger, row.trace_id, row.cold_start, row.error) == ("http", answer["traceparent"].split("-")[1],
+                                                                       True, "")
+    from observability.models import Span
+
+    gateway_span = Span.objects.get(invocation_id=invocation_id, kind="gateway")
+    assert (gateway_span.link_trace_id, gateway_span.link_span_id) == (TRACE_ID, "00f067aa0ba902b7")
 
 
 def test_cold_start_and_handler_time_come_from_the_instance(knative, service, deploy_on_knative, portal):

@@ -92,7 +92,7 @@
       pending = {};
       if (ev.code >= 4400 && ev.code < 4500) {
         closedForGood = true;
-        setConnection(ev.code === 4401 ? "Signed out" : "No access", "danger");
+        setConnection(ev.code === 4401 ? "Signed out" : ev.code === 4403 ? "Access changed" : "No access", "danger");
         return;
       }
       setConnection("Reconnecting…", "warning");
@@ -159,6 +159,7 @@
     test_events: function (msg) { renderTestEvents(msg.test_events); },
     test_signature: function (msg) { state.testSignature = msg.signature; },
     presence: function (msg) { renderPresence(msg.users); },
+    closing: function (msg) { showError(msg.detail); },
     event: function (msg) { onFunctionEvent(msg.event); },
     logs: function (msg) { appendLogs(msg.lines, msg.reset); },
     logs_state: function (msg) {

@@ -25,6 +25,9 @@ ORPHAN_LOG_SECONDS = 30.0  # log lines wait this long for their invocation recor
 PRUNE_INTERVAL = 30.0
 KNOWN_IDS = 20000
 WRITE_ATTEMPTS = 3
+# Records and lines kept while the database cannot take them (down, or no pooled connection free);
+# past this many, the oldest are dropped (with a warning) so the portal's memory stays bounded.
+BACKLOG_LIMIT = 50000
 
 
 class RecordsWriter:
@@ -82,7 +85,11 @@ class RecordsWriter:
             if not records and not logs and not self.waiting_logs:
                 return 0
             try:
-                written = self._write(records, logs)
+                try:
+                    written = self._write(records, logs)
+                except Exception:
+                    self._put_back(records)
+                    raise
                 if time.monotonic() - self.last_prune > PRUNE_INTERVAL:
                     self.prune()
                 return written
@@ -115,6 +122,20 @@ class RecordsWriter:
                 raise
         return key in self.written
 
+    def _put_back(self, records: list[dict]) -> None:
+        """Records the database could not take at all (it is down, or no connection came free) go
+        back to the queue for the next flush, ahead of what came meanwhile, instead of being lost
+        (their lines wait in ``waiting_logs``)."""
+        items = [("record", r) for r in records if str(r["id"]) not in self.written]
+        with self.queue.mutex:
+            self.queue.queue.extendleft(reversed(items))
+            excess = len(self.queue.queue) - BACKLOG_LIMIT
+            for _ in range(max(0, excess)):
+                self.queue.queue.popleft()
+        if excess > 0:
+            log.warning("the database has taken no invocation records for a while: %d of the oldest dropped",
+                        excess)
+
     def _take_record(self, key: str) -> dict | None:
         """Take the record of invocation ``key`` out of the batch (None when it is not waiting there)."""
         with self.queue.mutex:
@@ -127,24 +148,28 @@ class RecordsWriter:
     def _write(self, records: list[dict], logs: list) -> int:
         from functions.models import InvocationLog
 
-        self._write_records(records)
+        # Lines wait here for their record, across flushes when the database takes nothing for a while.
         now = time.monotonic()
         for invocation_id, when, level, message in logs:
             self.waiting_logs.setdefault(invocation_id, []).append((when, level, message))
             self.waiting_since.setdefault(invocation_id, now)
-        lines = []
+        self._write_records(records)
+        lines, ready = [], []
         for invocation_id in list(self.waiting_logs):
             if invocation_id in self.written:
-                for when, level, message in self.waiting_logs.pop(invocation_id):
+                ready.append(invocation_id)
+                for when, level, message in self.waiting_logs[invocation_id]:
                     # A function prints what it likes: keep the line, with what cannot be stored replaced.
                     lines.append(InvocationLog(invocation_id=uuid.UUID(invocation_id), time=when,
                                                level=storable(level[:10]), message=storable(message)))
-                self.waiting_since.pop(invocation_id, None)
             elif now - self.waiting_since.get(invocation_id, now) > ORPHAN_LOG_SECONDS:
                 self.waiting_logs.pop(invocation_id, None)
                 self.waiting_since.pop(invocation_id, None)
         if lines:
-            insert_rows(InvocationLog, lines)
+            insert_rows(InvocationLog, lines)  # raises when the database took none: they wait for the next flush
+        for invocation_id in ready:
+            self.waiting_logs.pop(invocation_id, None)
+            self.waiting_since.pop(invocation_id, None)
         return len(records)
 
     def _write_records(self, records: list[dict]) -> None:
@@ -152,7 +177,9 @@ class RecordsWriter:
 
         if not records:
             return
-        # What the gateway learnt about each trace rides along with the record, not into the table.
+        # What the gateway learnt about each trace rides along with the record, not into the table
+        # (copies: a batch the database does not take goes back to the queue as it came).
+        records = [dict(r) for r in records]
         traces = {str(r["id"]): r.pop("trace", None) for r in records if "trace" in r}
         function_ids = {r["function_id"] for r in records}
         existing = set(Function.objects.filter(pk__in=function_ids).values_list("pk", flat=True))

@@ -126,3 +126,60 @@ def test_records_the_database_refuses_do_not_cost_the_others(functions):
     stored = Invocation.objects.get(pk=bad["id"])
     assert stored.error == "the instance died: \ufffd" and stored.instance == "i\ufffd"
     assert messages_of(good[0]["id"]) == ["fine"]
+
+
+def test_a_batch_the_database_cannot_take_waits_for_the_next_flush(functions, monkeypatch):
+    """The database down, or no pooled connection free: the batch goes back to the queue, records and
+    lines alike, and the next flush stores it (before, it was dropped)."""
+    from django.db import OperationalError
+
+    from functions.engines.local import records as records_module
+
+    acme, globex = functions
+    writer = quiet_writer()
+    calls = [record(acme, trace={"caller_span": "", "gateway_span": "00f067aa0ba902b7", "link": ("", "")}),
+             record(globex)]
+    for item in calls:
+        writer.submit(dict(item))
+        writer.add_log(str(item["id"]), datetime.now(UTC), "INFO", f"line of {item['id']}")
+    real = records_module._insert_batch
+
+    def unavailable(model, rows, **options):
+        raise OperationalError("the connection pool timed out")
+
+    monkeypatch.setattr(records_module, "_insert_batch", unavailable)
+    with pytest.raises(OperationalError):
+        writer.flush()
+    assert not Invocation.objects.exists()
+    monkeypatch.setattr(records_module, "_insert_batch", real)
+    assert writer.flush() == 2
+    for item in calls:
+        assert Invocation.objects.filter(id=item["id"]).exists()
+        assert messages_of(item["id"]) == [f"line of {item['id']}"]
+    assert writer.flush() == 0  # nothing left, nothing twice
+
+
+def test_lines_whose_insert_failed_are_stored_by_the_next_flush(functions, monkeypatch):
+    from django.db import OperationalError
+
+    from functions.engines.local import records as records_module
+
+    acme, _ = functions
+    writer = quiet_writer()
+    call = record(acme)
+    writer.submit(dict(call))
+    writer.add_log(str(call["id"]), datetime.now(UTC), "INFO", "kept")
+    real = records_module._insert_batch
+
+    def lines_unavailable(model, rows, **options):
+        if model is InvocationLog:
+            raise OperationalError("the connection pool timed out")
+        return real(model, rows, **options)
+
+    monkeypatch.setattr(records_module, "_insert_batch", lines_unavailable)
+    with pytest.raises(OperationalError):
+        writer.flush()
+    assert Invocation.objects.filter(id=call["id"]).exists() and messages_of(call["id"]) == []
+    monkeypatch.setattr(records_module, "_insert_batch", real)
+    writer.flush()
+    assert messages_of(call["id"]) == ["kept"]

@@ -4,7 +4,7 @@ Daphne's web layer stores a whole request body (in a temporary file past 100 KB)
 application sees a byte of it, so a limit kept by the application alone would let a caller fill the
 server's disk first. Here each request's body is counted as it arrives: a declared length over
 ``NIMBUS_MAX_BODY_BYTES``, or a streamed body that grows past it, is answered 413 in the API's error
-shape (naming the limit) and the connection is closed; nothing past the limit is stored.
+shape (naming the limit) and the connection is closed a moment later; nothing past the limit is stored.
 
 Run it as daphne, with daphne's arguments: ``python -m portal.serve -b 0.0.0.0 -p 8000 portal.asgi:application``.
 """
@@ -13,10 +13,16 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import sys
 
 from daphne import http_protocol
 from daphne.cli import CommandLineInterface
+
+logger = logging.getLogger("portal.serve")
+
+# Seconds a refused request's connection stays open, its upload read and dropped, before it closes.
+CLOSE_AFTER_SECONDS = 1.0
 
 
 def body_limit() -> int:
@@ -61,9 +67,15 @@ class BoundedRequest(http_protocol.WebRequest):
     def refuse(self) -> None:
         self.refused = True
         self.content = io.BytesIO()  # empty, and stays so: later chunks are dropped
-        transport = self.channel.transport
-        transport.write(refusal(self.limit))
-        transport.loseConnection()
+        # Twisted answers "Expect: 100-continue" after gotLength: the client must not be told to go on.
+        self.requestHeaders.removeHeader(b"expect")
+        self.channel.transport.write(refusal(self.limit))
+        logger.info("refused a body over %d bytes from %s", self.limit, self.channel.transport.getPeer())
+        # Closed a moment later, not at once: closing with the client's upload unread makes the kernel
+        # reset the connection, which can lose the answer on its way. Meanwhile what comes is dropped.
+        from twisted.internet import reactor  # daphne's (asyncio) reactor, installed when daphne loads
+
+        reactor.callLater(CLOSE_AFTER_SECONDS, self.channel.loseConnection)
 
     def process(self):
         if self.refused:

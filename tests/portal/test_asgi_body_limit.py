@@ -269,7 +269,7 @@ def test_the_portal_server_refuses_a_body_over_the_limit_before_it_is_stored(tmp
             # 10 GB declared, 128 KiB sent, the connection left open: the answer comes without the rest.
             head = (f"{method} {path} HTTP/1.1\r\n"
                     f"Host: 127.0.0.1\r\nContent-Type: {content_type.decode()}\r\n"
-                    "Content-Length: 10000000000\r\n\r\n").encode()
+                    "Content-Length: 10000000000\r\nExpect: 100-continue\r\n\r\n").encode()
             with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
                 conn.sendall(head + b"x" * (2 * limit))
                 answer = b""
@@ -280,7 +280,7 @@ def test_the_portal_server_refuses_a_body_over_the_limit_before_it_is_stored(tmp
                     answer += more
             head_part, _, body = answer.partition(b"\r\n\r\n")
             assert head_part.startswith(b"HTTP/1.1 413"), (path, answer[:300])
-            assert json.loads(body) == too_large(limit)
+            assert json.loads(body) == too_large(limit)  # and nothing after it (no "100 Continue")
             # Streamed without a length, past the limit: the same answer.
             status, headers, body = ask(port, chunked_request(method, path, content_type.decode(), 3 * limit))
             assert status == 413 and json.loads(body) == too_large(limit), (path, status, body[:300])

@@ -13,7 +13,7 @@ import time
 import uuid
 from datetime import timedelta
 
-from django.db import DatabaseError, OperationalError, connections, transaction
+from django.db import DatabaseError, InterfaceError, OperationalError, connections, transaction
 from django.utils import timezone
 
 from portal.text import storable
@@ -28,6 +28,10 @@ WRITE_ATTEMPTS = 3
 # Records and lines kept while the database cannot take them (down, or no pooled connection free);
 # past this many, the oldest are dropped (with a warning) so the portal's memory stays bounded.
 BACKLOG_LIMIT = 50000
+WAITING_LINES_LIMIT = 200000  # log lines waiting for their records, likewise
+BATCH_ITEMS = 5000  # records and lines taken per flush: one flush holds the lock briefly
+FAILED_FLUSH_PAUSE = 1.0  # after a failed flush, before the next try
+PERSIST_WAIT_SECONDS = 2.0
 
 
 class RecordsWriter:
@@ -39,6 +43,8 @@ class RecordsWriter:
         self.written: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.waiting_logs: dict[str, list] = {}
         self.waiting_since: dict[str, float] = {}
+        self.waiting_lines = 0
+        self.backlogged = False
         self.touched_functions: set[int] = set()
         self.last_prune = time.monotonic()
         self.flush_lock = threading.Lock()
@@ -69,25 +75,31 @@ class RecordsWriter:
             self.wake.clear()
             try:
                 self.flush()
+                while self.backlogged and not self.stopping:
+                    self.flush()  # a backlog: the next batch at once
             except Exception:  # noqa: BLE001 - records are best effort; the writer keeps going
                 log.exception("writing invocation records failed")
+                time.sleep(FAILED_FLUSH_PAUSE)  # the database is down or busy: not four tracebacks a second
 
     def flush(self) -> int:
-        """Write everything queued so far; returns how many records were written."""
+        """Write what is queued, up to BATCH_ITEMS records and lines (``backlogged`` says more may be
+        waiting); returns how many records were written."""
         with self.flush_lock:
             records, logs = [], []
-            while True:
+            while len(records) + len(logs) < BATCH_ITEMS:
                 try:
                     kind, item = self.queue.get_nowait()
                 except queue.Empty:
                     break
                 (records if kind == "record" else logs).append(item)
+            self.backlogged = len(records) + len(logs) >= BATCH_ITEMS
             if not records and not logs and not self.waiting_logs:
                 return 0
             try:
                 try:
                     written = self._write(records, logs)
-                except Exception:
+                except (OperationalError, InterfaceError):
+                    # The database is down, or no pooled connection came free: try these again later.
                     self._put_back(records)
                     raise
                 if time.monotonic() - self.last_prune > PRUNE_INTERVAL:
@@ -108,7 +120,12 @@ class RecordsWriter:
         key = str(invocation_id)
         if key in self.written:
             return True
-        with self.flush_lock:  # a flush in progress may hold the record: it is stored, or not, once it ends
+        # A flush in progress may hold the record: it is stored, or not, once it ends. The caller is a
+        # worker's only database thread, which must not stall behind a long flush: then False (the
+        # record stays for the writer, and the caller's reference names none).
+        if not self.flush_lock.acquire(timeout=PERSIST_WAIT_SECONDS):
+            return False
+        try:
             if key in self.written:
                 return True
             record = self._take_record(key)
@@ -120,7 +137,21 @@ class RecordsWriter:
                 if key not in self.written:
                     self.queue.put(("record", record))
                 raise
+        finally:
+            self.flush_lock.release()
         return key in self.written
+
+    def _drop_oldest_lines(self) -> None:
+        """Bound the lines waiting while the database takes nothing: the oldest invocations' go."""
+        dropped = 0
+        for invocation_id in sorted(self.waiting_since, key=self.waiting_since.get):
+            if self.waiting_lines <= WAITING_LINES_LIMIT:
+                break
+            lines = len(self.waiting_logs.pop(invocation_id, ()))
+            self.waiting_since.pop(invocation_id, None)
+            self.waiting_lines -= lines
+            dropped += lines
+        log.warning("the database has taken no log lines for a while: %d of the oldest dropped", dropped)
 
     def _put_back(self, records: list[dict]) -> None:
         """Records the database could not take at all (it is down, or no connection came free) go
@@ -153,6 +184,9 @@ class RecordsWriter:
         for invocation_id, when, level, message in logs:
             self.waiting_logs.setdefault(invocation_id, []).append((when, level, message))
             self.waiting_since.setdefault(invocation_id, now)
+        self.waiting_lines += len(logs)
+        if self.waiting_lines > WAITING_LINES_LIMIT:
+            self._drop_oldest_lines()
         self._write_records(records)
         lines, ready = [], []
         for invocation_id in list(self.waiting_logs):
@@ -163,14 +197,20 @@ class RecordsWriter:
                     lines.append(InvocationLog(invocation_id=uuid.UUID(invocation_id), time=when,
                                                level=storable(level[:10]), message=storable(message)))
             elif now - self.waiting_since.get(invocation_id, now) > ORPHAN_LOG_SECONDS:
-                self.waiting_logs.pop(invocation_id, None)
+                self.waiting_lines -= len(self.waiting_logs.pop(invocation_id, ()))
                 self.waiting_since.pop(invocation_id, None)
         if lines:
             insert_rows(InvocationLog, lines)  # raises when the database took none: they wait for the next flush
         for invocation_id in ready:
-            self.waiting_logs.pop(invocation_id, None)
+            self.waiting_lines -= len(self.waiting_logs.pop(invocation_id, ()))
             self.waiting_since.pop(invocation_id, None)
+        self._forget_old_ids()
         return len(records)
+
+    def _forget_old_ids(self) -> None:
+        """Keep the newest KNOWN_IDS stored ids (after this batch's lines found theirs)."""
+        while len(self.written) > KNOWN_IDS:
+            self.written.popitem(last=False)
 
     def _write_records(self, records: list[dict]) -> None:
         from functions.models import Function, Invocation, Revision
@@ -198,8 +238,6 @@ class RecordsWriter:
         for row in rows:
             self.written[str(row.id)] = None
             self.touched_functions.add(row.function_id)
-        while len(self.written) > KNOWN_IDS:
-            self.written.popitem(last=False)
         try:
             from observability.ingest import invocations_written
 
@@ -230,6 +268,8 @@ class RecordsWriter:
             thread.join(timeout=5)
         try:
             self.flush()
+            while self.backlogged:
+                self.flush()
         except Exception:  # noqa: BLE001 - shutting down: nothing left to report to
             log.exception("final flush of invocation records failed")
 

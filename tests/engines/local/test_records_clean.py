@@ -183,3 +183,44 @@ def test_lines_whose_insert_failed_are_stored_by_the_next_flush(functions, monke
     monkeypatch.setattr(records_module, "_insert_batch", real)
     writer.flush()
     assert messages_of(call["id"]) == ["kept"]
+
+
+def test_a_backlog_larger_than_the_ids_kept_keeps_every_line(functions, monkeypatch):
+    """After an outage many records are written at once: each keeps its lines, even when more records
+    are stored in one go than the writer remembers ids of, and the backlog goes in bounded batches."""
+    from functions.engines.local import records as records_module
+
+    monkeypatch.setattr(records_module, "KNOWN_IDS", 5)
+    monkeypatch.setattr(records_module, "BATCH_ITEMS", 8)
+    acme, _ = functions
+    writer = quiet_writer()
+    calls = [record(acme) for _ in range(10)]
+    for item in calls:
+        writer.submit(dict(item))
+        writer.add_log(str(item["id"]), datetime.now(UTC), "INFO", "kept")
+    writer.flush()
+    assert writer.backlogged
+    while writer.backlogged:
+        writer.flush()
+    writer.flush()  # lines whose records came in a later batch
+    assert [messages_of(item["id"]) for item in calls] == [["kept"]] * 10
+
+
+def test_lines_waiting_on_a_database_that_takes_nothing_are_bounded(functions, monkeypatch):
+    from django.db import OperationalError
+
+    from functions.engines.local import records as records_module
+
+    monkeypatch.setattr(records_module, "WAITING_LINES_LIMIT", 50)
+    monkeypatch.setattr(records_module, "_insert_batch", lambda *a, **k: (_ for _ in ()).throw(OperationalError("down")))
+    acme, _ = functions
+    writer = quiet_writer()
+    for _ in range(20):
+        call = record(acme)
+        writer.submit(dict(call))
+        for index in range(10):
+            writer.add_log(str(call["id"]), datetime.now(UTC), "INFO", f"line {index}")
+        with pytest.raises(OperationalError):
+            writer.flush()
+    assert writer.waiting_lines <= 50
+    assert sum(len(lines) for lines in writer.waiting_logs.values()) == writer.waiting_lines

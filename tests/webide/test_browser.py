@@ -7,6 +7,7 @@ call is printed (a figure for the record, never asserted).
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -168,6 +169,7 @@ def portal():
         portal.stop()
         if drop is not None:
             drop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

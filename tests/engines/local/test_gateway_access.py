@@ -9,6 +9,7 @@ import functions.engines.local.gateway as gateway_module
 from functions import test_invoke
 from functions.services import function_share
 from tenancy import revocation
+from tests.observability.test_prometheus_scrape import free_port, wait_for_port
 from tenancy.models import ApiToken, Membership
 from tenancy.services import (
     tenant_member_change_role,
@@ -186,14 +187,6 @@ def test_without_a_readable_generation_nothing_is_cached(private, gateway, membe
 
 # ---- across processes: a live portal server on PostgreSQL and Redis ----------------------------------
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(port, path, plaintext):
     import urllib.error
     import urllib.request
@@ -211,7 +204,6 @@ def portal_server(settings, shared_tmp):
     """A real portal (daphne) in another process, on this test's PostgreSQL database and Redis."""
     import os
     import signal
-    import socket
     import subprocess
     import sys
     import time
@@ -226,21 +218,13 @@ def portal_server(settings, shared_tmp):
            "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
            "NIMBUS_DATA_DIR": str(settings.NIMBUS_DATA_DIR), "NIMBUS_SOCKET_DIR": str(shared_tmp / "s"),
            "NIMBUS_LOCAL_IDLE_SECONDS": "60"}
-    port = _free_port()
+    port = free_port()
     root = Path(__file__).resolve().parents[3]
     server = subprocess.Popen([str(Path(sys.executable).parent / "daphne"), "-b", "127.0.0.1", "-p", str(port),
                                "portal.asgi:application"], env=env, cwd=root, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
-            except OSError:
-                assert server.poll() is None, server.stdout.read().decode()
-                assert time.monotonic() < deadline, "the portal did not start"
-                time.sleep(0.1)
+        wait_for_port(port, server, time.monotonic() + 60)
         yield port
     finally:
         os.killpg(server.pid, signal.SIGTERM)
